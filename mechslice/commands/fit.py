@@ -1,0 +1,90 @@
+"""`mechslice fit DIR`: refit the paper's laws (Props. 2, 3) on DIR/results.json; write fits.json, .csv."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from typing import Any
+
+from analyses.laws import (
+    ACC_KEYS,
+    DENSE_NOTE,
+    PAPER_MODELS,
+    entropy_predictions,
+    fit_results,
+    load_results,
+    write_fits,
+)
+from mechslice.commands._common import add_json_arg, emit
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `fit` subcommand."""
+    parser = subparsers.add_parser(
+        "fit",
+        help="fit the perplexity and accuracy laws on a sweep (Table 3)",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument("dir", metavar="DIR", help="a sweep's output folder (holds results.json)")
+    parser.add_argument("--acc-key", choices=ACC_KEYS, default="acc", help="accuracy to fit (default acc)")
+    add_json_arg(parser)
+    parser.set_defaults(func=run)
+
+
+def _num(x: float | None, spec: str = "+.3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "-" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
+def format_table(payload: dict[str, Any]) -> str:
+    """The Table 3 analogue as text: our fit of each law beside the paper's two models."""
+    paper_head = " | ".join(f"{slug} a, b, RMSE" for slug in PAPER_MODELS.values())
+    lines = [
+        f"law fits for {payload['model']} (accuracy key: {payload['acc_key']}); y = a*s + b, 95% CIs",
+        DENSE_NOTE,
+        f"{'metric':<10} {'dataset':<14} {'n':>2} {'a':>7} {'CI of a':>16} {'b':>7} {'CI of b':>16} "
+        f"{'RMSE':>6} {'R^2':>6} {'LOO':>6} | {paper_head}",
+    ]
+    for row in payload["rows"]:
+        paper = " | ".join(
+            "-"
+            if row["paper"].get(name) is None
+            else "{a:+.2f} {b:+.2f} {rmse:.2f}".format(**row["paper"][name])
+            for name in PAPER_MODELS
+        )
+        ours = [_num(row["a"]), _ci(row["a_ci"]), _num(row["b"]), _ci(row["b_ci"])]
+        ours += [_num(row[k], ".3f") for k in ("rmse", "r2", "loo_rmse")]
+        widths = (7, 16, 7, 16, 6, 6, 6)
+        cells = " ".join(f"{v:>{w}}" for v, w in zip(ours, widths, strict=True))
+        lines.append(f"{row['metric']:<10} {row['dataset']:<14} {row['n']:>2} {cells} | {paper}")
+        if row["literal_rmse"] is not None:
+            lines.append(f"{'':<10} {'':<14} paper's literal line y = 1 - s: RMSE {row['literal_rmse']:.3f}")
+    lines += [f"skipped {name}: {why}" for name, why in payload["skipped"].items()]
+    for estimator, preds in payload["entropy_predictions"].items():
+        lines.append(
+            f"ln PPL from the entropy ratio alone ({estimator}): s, ratio, predicted, measured, rel. error"
+        )
+        lines += [
+            f"  {p['effective_sparsity']:.3f} {p['ratio']:.3f} {p['ln_ppl_predicted']:.3f} "
+            f"{p['ln_ppl_measured']:.3f} {p['rel_error']:.1%}"
+            for p in preds
+        ]
+    lines += [f"wrote {path}" for path in payload["files"]]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Refit DIR/results.json, write DIR/fits.json and DIR/fits.csv, print the table."""
+    results = load_results(args.dir)
+    table = fit_results(results, acc_key=args.acc_key)
+    paths = write_fits(table, args.dir)
+    payload = table.to_dict()
+    payload["entropy_predictions"] = {
+        name: [asdict(p) for p in preds] for name, preds in entropy_predictions(results).items()
+    }
+    payload["files"] = [str(p) for p in paths]
+    emit(args, payload, format_table)
+    return 0
