@@ -1,0 +1,93 @@
+"""Streaming moments of an activation: running sums in float64, additive, so memory never grows with tokens.
+
+A `RunningMoments` holds n, sum x, sum x*x, sum ||x|| and (when asked) sum x x^T over the rows it has seen.
+Two accumulators over disjoint token sets merge by adding their sums (`a + b`), which is how batches, windows
+and workers combine; every statistic (mean, variance, mean L2 norm, second moment, covariance) is read off the
+sums at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+@dataclass
+class RunningMoments:
+    """Running float64 sums over rows of width `f`; `with_second_moment` adds the f x f matrix sum x x^T."""
+
+    f: int
+    with_second_moment: bool = False
+    n: int = 0
+    sum_x: Float[Tensor, " f"] = field(init=False)
+    sum_x2: Float[Tensor, " f"] = field(init=False)
+    sum_norm: float = 0.0
+    sum_xxT: Float[Tensor, "f f"] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sum_x = torch.zeros(self.f, dtype=torch.float64)
+        self.sum_x2 = torch.zeros(self.f, dtype=torch.float64)
+        self.sum_xxT = torch.zeros(self.f, self.f, dtype=torch.float64) if self.with_second_moment else None
+
+    def update(self, X: Float[Tensor, "n f"]) -> None:
+        """Add the rows of X (any device or float dtype; summed in float64 there, kept on the CPU)."""
+        if X.ndim != 2 or X.shape[1] != self.f:
+            raise ValueError(f"expected rows of width {self.f}, got shape {tuple(X.shape)}")
+        X64 = X.detach().to(torch.float64)
+        self.n += X64.shape[0]
+        self.sum_x += X64.sum(0).cpu()
+        self.sum_x2 += X64.square().sum(0).cpu()
+        self.sum_norm += float(torch.linalg.vector_norm(X64, dim=1).sum())
+        if self.sum_xxT is not None:
+            self.sum_xxT += (X64.T @ X64).cpu()
+
+    def __add__(self, other: RunningMoments) -> RunningMoments:
+        """The accumulator over both token sets (sums add; the second moment only when both carry it)."""
+        if other.f != self.f:
+            raise ValueError(f"cannot merge moments of width {self.f} and {other.f}")
+        merged = RunningMoments(self.f, self.with_second_moment and other.with_second_moment)
+        merged.n = self.n + other.n
+        merged.sum_x = self.sum_x + other.sum_x
+        merged.sum_x2 = self.sum_x2 + other.sum_x2
+        merged.sum_norm = self.sum_norm + other.sum_norm
+        if merged.with_second_moment:
+            merged.sum_xxT = self.sum_xxT + other.sum_xxT
+        return merged
+
+    def _require_rows(self) -> None:
+        if self.n == 0:
+            raise ValueError("no rows accumulated yet")
+
+    @property
+    def mean(self) -> Float[Tensor, " f"]:
+        """Per-dimension mean."""
+        self._require_rows()
+        return self.sum_x / self.n
+
+    @property
+    def var(self) -> Float[Tensor, " f"]:
+        """Per-dimension population variance (divides by n), clamped at 0 against float64 round-off."""
+        return (self.sum_x2 / self.n - self.mean.square()).clamp_min(0.0)
+
+    @property
+    def mean_norm(self) -> float:
+        """Mean L2 norm of a row."""
+        self._require_rows()
+        return self.sum_norm / self.n
+
+    @property
+    def second_moment(self) -> Float[Tensor, "f f"]:
+        """E[x x^T] (the PCA matrix SliceGPT diagonalizes, up to the factor n)."""
+        self._require_rows()
+        if self.sum_xxT is None:
+            raise ValueError("second moment was not requested for this accumulator")
+        return self.sum_xxT / self.n
+
+    @property
+    def covariance(self) -> Float[Tensor, "f f"]:
+        """Population covariance E[x x^T] - mu mu^T."""
+        mu = self.mean
+        return self.second_moment - torch.outer(mu, mu)
