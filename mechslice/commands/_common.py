@@ -1,0 +1,41 @@
+"""Arguments and output shared by every subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from mechslice.loading import DEFAULT_MODEL, LoadedModel, default_device, load_model
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """`--model`, `--device` and `--json`, the options every command shares."""
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model name, GGUF file or folder ({DEFAULT_MODEL})"
+    )
+    parser.add_argument(
+        "--device", default=None, help="torch device (default: cuda when available, else cpu)"
+    )
+    add_json_arg(parser)
+
+
+def add_json_arg(parser: argparse.ArgumentParser) -> None:
+    """`--json`: print one JSON object on stdout instead of text."""
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def model_from_args(args: argparse.Namespace) -> LoadedModel:
+    """Load the model named by `--model` on `--device`."""
+    return load_model(args.model, device=args.device or default_device())
+
+
+def emit(args: argparse.Namespace, payload: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> None:
+    """Print `payload` as JSON under `--json`, else as the human-readable `text(payload)`."""
+    if args.json:
+        json.dump(payload, sys.stdout, default=float)
+        sys.stdout.write("\n")
+    else:
+        print(text(payload))

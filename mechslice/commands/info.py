@@ -1,0 +1,54 @@
+"""`mechslice info`: the model's sizes and the paper's Table 2 read off the live weights."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from mechslice.architecture import weight_table
+from mechslice.commands._common import add_model_args, emit, model_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `info` subcommand."""
+    parser = sub.add_parser("info", help="sizes (d, layers, heads, ...) and the Table 2 weight shapes")
+    add_model_args(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print d, layers, heads, KV heads, head dim, d_mlp, vocab, parameter count and Table 2."""
+    lm = model_from_args(args)
+    dims = lm.dims
+    payload = {
+        "model": lm.name,
+        "source": lm.source,
+        "architecture": lm.adapter.model_type,
+        "d": dims.d,
+        "layers": dims.n_layers,
+        "heads": dims.h_attn,
+        "kv_heads": dims.v,
+        "head_dim": dims.h_dim,
+        "d_mlp": dims.m,
+        "vocab": dims.vocab,
+        "parameters": sum(p.numel() for p in lm.model.parameters()),
+        "tied_embeddings": lm.model.get_input_embeddings().weight is lm.model.get_output_embeddings().weight,
+        "weights": [row.to_json() for row in weight_table(lm)],
+    }
+    emit(args, payload, _text)
+    return 0
+
+
+def _text(p: dict[str, Any]) -> str:
+    lines = [
+        f"{p['model']} ({p['architecture']}) from {p['source']}",
+        f"  d={p['d']}  layers={p['layers']}  h_attn={p['heads']}  v={p['kv_heads']}  h_dim={p['head_dim']}"
+        f"  m={p['d_mlp']}  vocab={p['vocab']}  parameters={p['parameters']:,}  tied={p['tied_embeddings']}",
+        "",
+        "Table 2 (layer 0; shapes as input x output):",
+        f"  {'matrix':<10} {'symbolic':<24} {'shape':<14} matches",
+    ]
+    for row in p["weights"]:
+        shape = " x ".join(str(n) for n in row["shape"])
+        lines.append(f"  {row['symbol']:<10} {row['symbolic']:<24} {shape:<14} {row['matches']}")
+    return "\n".join(lines)
