@@ -1,0 +1,401 @@
+"""Law fitting and prediction: the statistics, Props. 2 and 3 on synthetic sweeps, files, and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from analyses.fits import fit_line, loo_errors
+from analyses.laws import (
+    PAPER_TABLE3,
+    check_same_model,
+    entropy_predictions,
+    fit_results,
+    law_points,
+    load_results,
+    ppl_from_entropy_ratio,
+    predict,
+    write_fits,
+)
+from mechslice.cli import main
+from mechslice.errors import MechsliceError
+
+D = 576
+PPL0 = 12.0
+ACC0 = {"arc_easy": 0.5, "piqa": 0.6, "hellaswag": 0.4}
+SLOPES = {"ppl": -1.1, "arc_easy": -1.5, "piqa": -0.8, "hellaswag": -1.0}
+
+
+def make_results(
+    nominal: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5), noise: float = 0.0, seed: int = 0
+) -> dict[str, Any]:
+    """A sweep whose metrics follow the laws exactly (y = a*s + 1 for PPL, a*s for acc), plus optional noise.
+
+    d' is rounded down to a multiple of 8, so effective and nominal sparsity differ, as in a real sweep;
+    acc_norm follows slopes half as steep so that choosing the key is visible in the fit.
+    """
+    rng = np.random.default_rng(seed)
+    records = []
+    for s_nom in nominal:
+        d_prime = int((1 - s_nom) * D) // 8 * 8
+        s = 1 - d_prime / D
+        dense = s == 0
+        eps = rng.normal(0.0, noise, size=1 + 2 * len(ACC0))
+        y_ppl = 1.0 + SLOPES["ppl"] * s + (0 if dense else eps[0])
+        tasks = {}
+        for i, (task, acc0) in enumerate(ACC0.items()):
+            jitter = (0.0, 0.0) if dense else (eps[1 + 2 * i], eps[2 + 2 * i])
+            tasks[task] = {
+                "acc": acc0 * math.exp(SLOPES[task] * s + jitter[0]),
+                "acc_norm": acc0 * math.exp(0.5 * SLOPES[task] * s + jitter[1]),
+                "stderr": 0.01,
+                "n": 500,
+            }
+        records.append(
+            {
+                "sparsity": s_nom,
+                "effective_sparsity": s,
+                "d": D,
+                "d_prime": d_prime,
+                "ppl": math.exp(math.log(PPL0) / y_ppl),
+                "tasks": tasks,
+            }
+        )
+    return {"model": "tiny", "model_fingerprint": "f00d", "settings": {}, "records": records}
+
+
+def write_results(folder: Path, results: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_exact_line_is_recovered_exactly() -> None:
+    s = np.array([0.0, 0.1, 0.25, 0.3, 0.5])
+    fit = fit_line(s, 0.96 - 1.08 * s)
+    # Float64 least squares on O(1) numbers: errors are a few ulps, far below 1e-12.
+    assert fit.a == pytest.approx(-1.08, abs=1e-12)
+    assert fit.b == pytest.approx(0.96, abs=1e-12)
+    assert fit.rmse < 1e-12 and fit.loo_rmse is not None and fit.loo_rmse < 1e-12
+    assert fit.r2 == pytest.approx(1.0, abs=1e-12)
+    assert fit.a_ci is not None and fit.a_ci[1] - fit.a_ci[0] < 1e-10
+
+
+def test_noisy_line_true_values_inside_confidence_intervals() -> None:
+    rng = np.random.default_rng(0)
+    s = np.linspace(0.0, 0.5, 12)
+    fit = fit_line(s, 1.0 - 1.1 * s + rng.normal(0.0, 0.02, size=s.shape))
+    assert fit.a_ci is not None and fit.b_ci is not None
+    assert fit.a_ci[0] < -1.1 < fit.a_ci[1]
+    assert fit.b_ci[0] < 1.0 < fit.b_ci[1]
+    assert fit.a != pytest.approx(-1.1, abs=1e-6)  # noise did move the estimate
+
+
+def test_confidence_interval_coverage_uses_t_distribution() -> None:
+    # With n=5 (3 dof) a normal quantile would cover only ~86%; t_{0.975,3} = 3.18 covers 95%.
+    # 2000 seeded trials: binomial sd of the coverage ~0.5%, so [0.93, 0.97] is a 4-sigma band.
+    rng = np.random.default_rng(1)
+    s = np.array([0.0, 0.1, 0.2, 0.3, 0.4])
+    hits = 0
+    for _ in range(2000):
+        fit = fit_line(s, 1.0 - s + rng.normal(0.0, 0.05, size=5))
+        hits += fit.a_ci[0] < -1.0 < fit.a_ci[1]
+    assert 0.93 < hits / 2000 < 0.97
+
+
+def test_two_points_give_none_not_nan() -> None:
+    fit = fit_line([0.0, 0.5], [1.0, 0.4])
+    assert fit.a == pytest.approx(-1.2) and fit.b == pytest.approx(1.0)
+    assert fit.a_ci is None and fit.b_ci is None and fit.sigma is None
+    assert fit.loo_rmse is None and fit.loo_max_abs is None
+    assert fit.prediction_interval(0.3) is None
+    json.dumps(fit.to_dict(), allow_nan=False)  # raises on NaN or inf
+
+
+def test_leave_one_out_by_hand() -> None:
+    # (0,0),(1,1),(2,0): without (0,0) the line is y = 2 - s (predicts 2, error -2); without (1,1) it is y = 0
+    # (error +1); without (2,0) it is y = s (predicts 2, error -2).
+    assert loo_errors([0, 1, 2], [0, 1, 0]) == pytest.approx([-2.0, 1.0, -2.0])
+    fit = fit_line([0, 1, 2], [0, 1, 0])
+    assert fit.loo_rmse == pytest.approx(math.sqrt(3.0))
+    assert fit.loo_max_abs == pytest.approx(2.0)
+
+
+def test_leave_one_out_matches_hat_matrix_identity() -> None:
+    # For least squares the LOO residual is e_i / (1 - h_ii), h_ii = 1/n + (s_i - mean)^2 / Sxx.
+    rng = np.random.default_rng(2)
+    s, y = rng.uniform(0, 0.6, 7), rng.normal(size=7)
+    a, b = np.polyfit(s, y, 1)
+    h = 1 / 7 + (s - s.mean()) ** 2 / np.sum((s - s.mean()) ** 2)
+    assert loo_errors(s, y) == pytest.approx((y - (a * s + b)) / (1 - h), rel=1e-9)
+
+
+def test_leave_one_out_undefined_when_a_fold_has_one_sparsity() -> None:
+    assert loo_errors([0.0, 0.2, 0.2], [1.0, 0.8, 0.7]) is None
+
+
+def test_prediction_interval_widens_away_from_data() -> None:
+    rng = np.random.default_rng(3)
+    s = np.linspace(0.0, 0.4, 6)
+    fit = fit_line(s, 1.0 - s + rng.normal(0.0, 0.02, size=6))
+
+    def width(x: float) -> float:
+        lo, hi = fit.prediction_interval(x)
+        assert lo < fit.predict(x) < hi
+        return hi - lo
+
+    assert width(fit.s_mean) < width(0.4) < width(0.6) < width(0.9)
+    # Symmetric about the mean sparsity.
+    assert width(fit.s_mean - 0.1) == pytest.approx(width(fit.s_mean + 0.1), rel=1e-12)
+
+
+def test_degenerate_inputs_are_refused() -> None:
+    with pytest.raises(MechsliceError, match="two different sparsities"):
+        fit_line([0.3, 0.3, 0.3], [1.0, 0.9, 0.8])
+    with pytest.raises(MechsliceError, match="non-finite"):
+        fit_line([0.0, 0.1], [1.0, float("nan")])
+
+
+# ---------------------------------------------------------------- the laws
+
+
+def test_fit_results_recovers_both_laws_on_effective_sparsity() -> None:
+    table = fit_results(make_results())
+    assert [r.dataset for r in table.rows] == ["ppl", "arc_easy", "piqa", "hellaswag"]
+    for row in table.rows:
+        assert row.fit.a == pytest.approx(SLOPES[row.dataset], abs=1e-10)
+        assert row.fit.b == pytest.approx(1.0 if row.dataset == "ppl" else 0.0, abs=1e-10)
+        assert row.fit.n == 6
+    ppl = table.row("ppl")
+    assert (ppl.points.s[0], ppl.points.y[0]) == (0.0, 1.0)  # the dense point is in the fit
+    assert ppl.fit.s_max == pytest.approx(1 - 288 / 576)
+    # Effective, not nominal: nominal 0.1 gives d' = 512 (multiple of 8), s = 1 - 512/576.
+    assert ppl.points.s[1] == pytest.approx(1 - 512 / 576)
+    assert table.row("arc_easy").paper["Llama-3-8B-Instruct"].a == -2.14
+    assert table.row("hellaswag").paper == {}
+    # The literal line y = 1 - s misses a slope of -1.1 by 0.1*s.
+    expected = math.sqrt(np.mean((0.1 * ppl.points.s) ** 2))
+    assert ppl.literal_rmse == pytest.approx(expected, rel=1e-9)
+
+
+def test_acc_key_selects_acc_norm() -> None:
+    table = fit_results(make_results(), acc_key="acc_norm")
+    assert table.acc_key == "acc_norm"
+    assert table.row("arc_easy").fit.a == pytest.approx(0.5 * SLOPES["arc_easy"], abs=1e-10)
+    with pytest.raises(MechsliceError, match="accuracy key"):
+        fit_results(make_results(), acc_key="f1")
+
+
+def test_records_without_a_metric_are_left_out_and_undefined_ones_listed() -> None:
+    results = make_results()
+    results["records"][2]["ppl"] = None
+    results["records"][3]["tasks"]["piqa"]["acc"] = 0.0
+    assert len(law_points(results, "ppl").s) == 5
+    piqa = law_points(results, "piqa")
+    assert len(piqa.s) == 5 and piqa.excluded == [results["records"][3]["effective_sparsity"]]
+
+
+def test_dataset_with_one_sparsity_is_skipped_not_fatal() -> None:
+    results = make_results()
+    for rec in results["records"][1:]:
+        del rec["tasks"]["hellaswag"]
+    table = fit_results(results)
+    assert "hellaswag" in table.skipped
+    assert [r.dataset for r in table.rows] == ["ppl", "arc_easy", "piqa"]
+
+
+def test_write_fits_files_parse_with_paper_values(tmp_path: Path) -> None:
+    table = fit_results(make_results(noise=0.01))
+    json_path, csv_path = write_fits(table, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fits.csv", "fits.json"]  # no temp file left
+    with csv_path.open() as f:
+        rows = {r["dataset"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["ppl", "arc_easy", "piqa", "hellaswag"]
+    assert (
+        float(rows["ppl"]["paper_llama3_8b_a"]) == -1.08 and float(rows["ppl"]["paper_phi3_mini_b"]) == 1.02
+    )
+    assert float(rows["piqa"]["paper_phi3_mini_rmse"]) == 0.01
+    assert rows["hellaswag"]["paper_llama3_8b_a"] == ""
+    assert float(rows["arc_easy"]["a"]) == pytest.approx(table.row("arc_easy").fit.a)
+    assert rows["ppl"]["n_points"] == "6" and rows["ppl"]["dense_point_included"] == "yes"
+    assert float(rows["ppl"]["a_ci_low"]) < float(rows["ppl"]["a"]) < float(rows["ppl"]["a_ci_high"])
+    data = json.loads(json_path.read_text())
+    assert data["dense_point_included"] is True and data["acc_key"] == "acc"
+    assert data["rows"][0]["paper"]["Phi-3-mini-4k-Instruct"] == {"a": -0.90, "b": 1.02, "rmse": 0.01}
+    assert data["rows"][0]["points"][0] == [0.0, 1.0]
+
+
+def test_paper_table3_values() -> None:
+    llama, phi = "Llama-3-8B-Instruct", "Phi-3-mini-4k-Instruct"
+    expected = {
+        "ppl": ((-1.08, 0.96, 0.03), (-0.90, 1.02, 0.01)),
+        "arc_easy": ((-2.14, 0.04, 0.05), (-1.84, 0.04, 0.04)),
+        "arc_challenge": ((-2.02, -0.07, 0.09), (-1.88, -0.01, 0.02)),
+        "winogrande": ((-0.86, -0.02, 0.02), (-0.66, -0.02, 0.02)),
+        "piqa": ((-0.91, -0.01, 0.03), (-0.90, 0.01, 0.01)),
+    }
+    got = {k: tuple((v[m].a, v[m].b, v[m].rmse) for m in (llama, phi)) for k, v in PAPER_TABLE3.items()}
+    assert got == expected
+
+
+# ---------------------------------------------------------------- validation
+
+
+def test_load_results_errors(tmp_path: Path) -> None:
+    with pytest.raises(MechsliceError, match="does not exist"):
+        load_results(tmp_path / "nope")
+    with pytest.raises(MechsliceError, match="not found"):
+        load_results(tmp_path)
+    (tmp_path / "results.json").write_text('{"model": "x", "records": [')
+    with pytest.raises(MechsliceError, match="not valid JSON"):
+        load_results(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda r: r.pop("model"), "not a sweep result"),
+        (lambda r: r.update(records={}), "no 'records'"),
+        (lambda r: r["records"][1].pop("effective_sparsity"), "effective_sparsity"),
+        (lambda r: r["records"][1].update(effective_sparsity=1.0), "effective_sparsity"),
+        (lambda r: r["records"][1].update(ppl="high"), "ppl"),
+        (lambda r: r["records"][1].update(tasks=[1]), "tasks"),
+        (lambda r: r["records"][1]["tasks"]["piqa"].update(acc=None), "non-number acc"),
+        (lambda r: r["records"].pop(0), "0 dense records"),
+    ],
+)
+def test_wrong_structure_is_refused(tmp_path: Path, mutate: Any, match: str) -> None:
+    results = make_results()
+    mutate(results)
+    write_results(tmp_path, results)
+    with pytest.raises(MechsliceError, match=match):
+        load_results(tmp_path)
+
+
+def test_fewer_than_two_sparsities_is_refused() -> None:
+    with pytest.raises(MechsliceError, match="fewer than two sparsities"):
+        fit_results(make_results(nominal=(0.0,)))
+
+
+def test_check_same_model() -> None:
+    results = make_results()
+    check_same_model(results, "tiny", "f00d")
+    with pytest.raises(MechsliceError, match="made with model 'tiny'"):
+        check_same_model(results, "smollm2-135m", "f00d")
+    with pytest.raises(MechsliceError, match="fingerprint"):
+        check_same_model(results, "tiny", "beef")
+
+
+# ---------------------------------------------------------------- prediction
+
+
+def test_predict_inverts_the_fitted_laws() -> None:
+    table = fit_results(make_results(noise=0.01, seed=4))
+    out = predict(table, 0.35, table.ppl0, table.acc0s)
+    ppl_fit = table.row("ppl").fit
+    assert out["ppl"]["predicted"] == pytest.approx(
+        math.exp(math.log(PPL0) / ppl_fit.predict(0.35)), rel=1e-12
+    )
+    lo, hi = out["ppl"]["interval"]
+    assert lo < out["ppl"]["predicted"] < hi
+    assert out["ppl"]["paper_law"] == pytest.approx(math.exp(math.log(PPL0) / 0.65), rel=1e-12)
+    assert not out["ppl"]["extrapolated"]
+    for task, acc0 in ACC0.items():
+        entry = out["tasks"][task]
+        assert entry["predicted"] == pytest.approx(
+            acc0 * math.exp(table.row(task).fit.predict(0.35)), rel=1e-12
+        )
+        assert entry["interval"][0] < entry["predicted"] < entry["interval"][1] <= 1.0
+    far = predict(table, 0.8, table.ppl0, table.acc0s)
+    assert far["ppl"]["extrapolated"]
+    near_y, far_y = out["ppl"]["y_interval"], far["ppl"]["y_interval"]
+    assert far_y[1] - far_y[0] > near_y[1] - near_y[0]
+    json.dumps(far, allow_nan=False)
+
+
+@pytest.mark.parametrize("s", [1.0, -0.1, 1.5, float("nan")])
+def test_predict_refuses_sparsity_outside_unit_interval(s: float) -> None:
+    table = fit_results(make_results())
+    with pytest.raises(MechsliceError, match=r"outside \[0, 1\)"):
+        predict(table, s, table.ppl0, table.acc0s)
+
+
+def test_ppl_from_entropy_ratio_round_trip() -> None:
+    for ppl in (12.0, 30.0, 400.0):
+        ratio = math.log(PPL0) / math.log(ppl)
+        assert ppl_from_entropy_ratio(PPL0, ratio) == pytest.approx(ppl, rel=1e-12)
+    assert ppl_from_entropy_ratio(PPL0, 1.0) == pytest.approx(PPL0)
+    assert ppl_from_entropy_ratio(PPL0, 1e-6) == math.inf
+    with pytest.raises(MechsliceError, match="positive"):
+        ppl_from_entropy_ratio(PPL0, 0.0)
+
+
+def test_entropy_predictions_report_errors() -> None:
+    results = make_results()
+    records = results["records"]
+    for rec in records:  # ratio equal to the law's y: exact prediction
+        rec["entropy"] = {"gaussian": {"ratio_mean": math.log(PPL0) / math.log(rec["ppl"])}}
+    records[2]["entropy"]["knn"] = {"ratio_mean": 0.5}
+    del records[3]["entropy"]
+    out = entropy_predictions(results)
+    assert len(out["gaussian"]) == 5
+    assert max(p.abs_error for p in out["gaussian"]) < 1e-12
+    (knn,) = out["knn"]
+    measured = math.log(records[2]["ppl"])
+    assert knn.ln_ppl_predicted == pytest.approx(2 * math.log(PPL0))
+    assert knn.abs_error == pytest.approx(abs(2 * math.log(PPL0) - measured))
+    assert knn.rel_error == pytest.approx(knn.abs_error / measured)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_fit_and_predict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = write_results(tmp_path / "run", make_results(noise=0.01))
+    assert main(["fit", str(folder)]) == 0
+    text = capsys.readouterr().out
+    assert "arc_easy" in text and "-1.08 +0.96 0.03" in text and "dense model" in text
+    assert (folder / "fits.csv").is_file() and (folder / "fits.json").is_file()
+
+    assert main(["fit", str(folder), "--acc-key", "acc_norm", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["acc_key"] == "acc_norm"
+    assert json.loads((folder / "fits.json").read_text())["acc_key"] == "acc_norm"
+
+    assert main(["predict", "--sparsity", "0.35", "--from", str(folder), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["sparsity"] == 0.35 and set(out["tasks"]) == set(ACC0)
+    assert out["ppl"]["interval"][0] < out["ppl"]["predicted"] < out["ppl"]["interval"][1]
+    assert main(["predict", "--sparsity", "0.35", "--from", str(folder)]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_cli_bad_inputs_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "results.json").write_text("{not json")
+    single = write_results(tmp_path / "single", make_results(nominal=(0.0,)))
+    good = write_results(tmp_path / "good", make_results())
+    cases = [
+        (["fit", str(tmp_path / "missing")], "does not exist"),
+        (["fit", str(corrupt)], "not valid JSON"),
+        (["fit", str(single)], "fewer than two sparsities"),
+        (["predict", "--sparsity", "0.2", "--from", str(tmp_path / "missing")], "does not exist"),
+        (["predict", "--sparsity", "0.2", "--from", str(corrupt)], "not valid JSON"),
+        (["predict", "--sparsity", "0.2", "--from", str(single)], "fewer than two sparsities"),
+        (["predict", "--sparsity", "1.0", "--from", str(good)], "outside [0, 1)"),
+        (["predict", "--sparsity", "-0.2", "--from", str(good)], "outside [0, 1)"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
