@@ -1,0 +1,222 @@
+"""Output-distribution shift between a dense model p0 and a sliced model ps on the same tokens.
+
+Per token: KL(p0 || ps), Jensen-Shannon divergence, the predictive entropy of each, whether their top-1
+tokens agree, and (given targets) each model's negative log-likelihood, whose mean is ln PPL, so the result
+carries ln PPL0 / ln PPL to hold against Proposition 2's 1-s. Everything is computed in float64 from
+log_softmax, a chunk of tokens at a time so that a 49152-vocab x 8k-token comparison stays within a few
+hundred MB beyond the caller's logits; `ShiftAccumulator` sums over batches and position buckets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from mechslice.errors import MechsliceError
+
+# Bucket lower edges; the last bucket is open-ended: [0,16), [16,64), [64,256), [256,1024), [1024, inf).
+DEFAULT_BUCKET_EDGES: tuple[int, ...] = (0, 16, 64, 256, 1024)
+METRICS = ("kl", "js", "entropy_dense", "entropy_sliced", "top1_agreement")
+NLL_METRICS = ("ln_ppl_dense", "ln_ppl_sliced")
+
+
+def _where_p(p: Float[Tensor, "*t vocab"], v: Float[Tensor, "*t vocab"]) -> Float[Tensor, "*t vocab"]:
+    # p * v with 0 * (anything, including -inf) = 0, the measure-theoretic convention for p log p terms.
+    return torch.where(p > 0, p * v, torch.zeros_like(v))
+
+
+def kl_divergence(logp: Float[Tensor, "*t vocab"], logq: Float[Tensor, "*t vocab"]) -> Float[Tensor, "*t"]:
+    """KL(p || q) = sum p (log p - log q) over the last dim, from normalised log-probabilities."""
+    return _where_p(logp.exp(), logp - logq).sum(-1)
+
+
+def js_divergence(logp: Float[Tensor, "*t vocab"], logq: Float[Tensor, "*t vocab"]) -> Float[Tensor, "*t"]:
+    """Jensen-Shannon divergence 0.5 KL(p||m) + 0.5 KL(q||m), m = (p+q)/2; symmetric, in [0, ln 2]."""
+    logm = torch.logaddexp(logp, logq) - math.log(2.0)
+    return 0.5 * (kl_divergence(logp, logm) + kl_divergence(logq, logm))
+
+
+def predictive_entropy(logp: Float[Tensor, "*t vocab"]) -> Float[Tensor, "*t"]:
+    """Entropy -sum p log p of the next-token distribution (nats)."""
+    return -_where_p(logp.exp(), logp).sum(-1)
+
+
+def token_shift(
+    logits0: Float[Tensor, "t vocab"], logits_s: Float[Tensor, "t vocab"], targets: Int[Tensor, " t"] | None
+) -> dict[str, Float[Tensor, " t"]]:
+    """Per-token metrics (float64) of a chunk of flattened tokens: METRICS, plus NLL_METRICS with targets."""
+    logp0 = torch.log_softmax(logits0.to(torch.float64), dim=-1)
+    logps = torch.log_softmax(logits_s.to(torch.float64), dim=-1)
+    out = {
+        "kl": kl_divergence(logp0, logps),
+        "js": js_divergence(logp0, logps),
+        "entropy_dense": predictive_entropy(logp0),
+        "entropy_sliced": predictive_entropy(logps),
+        "top1_agreement": (logp0.argmax(-1) == logps.argmax(-1)).to(torch.float64),
+    }
+    if targets is not None:
+        idx = targets.to(torch.long).unsqueeze(-1)
+        out["ln_ppl_dense"] = -logp0.gather(-1, idx).squeeze(-1)
+        out["ln_ppl_sliced"] = -logps.gather(-1, idx).squeeze(-1)
+    return out
+
+
+@dataclass
+class ShiftStats:
+    """Token-mean metrics over one set of tokens; ln PPL fields are None without targets or tokens."""
+
+    tokens: int
+    kl: float | None
+    js: float | None
+    entropy_dense: float | None
+    entropy_sliced: float | None
+    top1_agreement: float | None
+    ln_ppl_dense: float | None = None
+    ln_ppl_sliced: float | None = None
+    ln_ppl_ratio: float | None = None  # ln PPL0 / ln PPL, Proposition 2's 1-s
+
+
+@dataclass
+class BucketStats:
+    """Metrics over the positions [lo, hi) (hi None: open-ended)."""
+
+    lo: int
+    hi: int | None
+    stats: ShiftStats
+
+
+@dataclass
+class ShiftResult:
+    """Overall and per-position-bucket output shift; `to_dict()` is plain JSON."""
+
+    overall: ShiftStats
+    buckets: list[BucketStats]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of ints, floats and None."""
+        return asdict(self)
+
+
+def _check_edges(edges: Sequence[int]) -> tuple[int, ...]:
+    e = tuple(int(x) for x in edges)
+    if not e or e[0] != 0 or any(b <= a for a, b in itertools.pairwise(e)):
+        raise MechsliceError(
+            f"bucket edges {list(edges)} must start at 0 and strictly increase, "
+            f"e.g. {list(DEFAULT_BUCKET_EDGES)}"
+        )
+    return e
+
+
+class ShiftAccumulator:
+    """Streaming sums of the per-token shift metrics, overall and per position bucket.
+
+    Feed `update(logits0, logits_s, targets, mask)` batch by batch (same tokens through both models), then
+    read `result()`. Position = index along the pos axis of each batch; targets[b, t] is the token that
+    logits[b, t] predicts (the input ids shifted by one); mask False excludes a token (padding, or the last
+    position when no next token exists). Either every update passes targets or none does.
+    """
+
+    def __init__(self, bucket_edges: Sequence[int] = DEFAULT_BUCKET_EDGES, chunk_tokens: int = 128) -> None:
+        if chunk_tokens < 1:
+            raise MechsliceError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        self.bucket_edges = _check_edges(bucket_edges)
+        self.chunk_tokens = chunk_tokens
+        nb = len(self.bucket_edges)
+        self._sums = {m: torch.zeros(nb, dtype=torch.float64) for m in METRICS + NLL_METRICS}
+        self._counts = torch.zeros(nb, dtype=torch.float64)
+        self._with_targets: bool | None = None
+
+    def update(
+        self,
+        logits0: Float[Tensor, "batch pos vocab"],
+        logits_s: Float[Tensor, "batch pos vocab"],
+        targets: Int[Tensor, "batch pos"] | None = None,
+        mask: Bool[Tensor, "batch pos"] | None = None,
+    ) -> None:
+        """Add one batch of dense and sliced logits over the same tokens."""
+        self._check(logits0, logits_s, targets, mask)
+        batch, pos, vocab = logits0.shape
+        positions = torch.arange(pos).expand(batch, pos).reshape(-1)
+        keep = torch.ones(batch * pos, dtype=torch.bool) if mask is None else mask.reshape(-1).cpu().bool()
+        bucket = torch.bucketize(positions, torch.tensor(self.bucket_edges), right=True) - 1
+        flat0, flats = logits0.reshape(-1, vocab), logits_s.reshape(-1, vocab)
+        flat_t = None if targets is None else targets.reshape(-1)
+        for start in range(0, batch * pos, self.chunk_tokens):
+            sl = slice(start, start + self.chunk_tokens)
+            rows = keep[sl].nonzero().squeeze(-1) + start
+            if rows.numel() == 0:
+                continue
+            dev_rows = rows.to(logits0.device)
+            t = None if flat_t is None else flat_t[rows.to(flat_t.device)]
+            per_token = token_shift(flat0[dev_rows], flats[dev_rows], t)
+            b = bucket[rows]
+            for name, values in per_token.items():
+                self._sums[name].index_add_(0, b, values.cpu())
+            self._counts.index_add_(0, b, torch.ones(rows.numel(), dtype=torch.float64))
+
+    def _check(
+        self,
+        logits0: Tensor,
+        logits_s: Tensor,
+        targets: Tensor | None,
+        mask: Tensor | None,
+    ) -> None:
+        if logits0.ndim != 3 or logits0.shape != logits_s.shape:
+            raise MechsliceError(
+                f"dense and sliced logits must both be (batch, pos, vocab) with equal shapes, got "
+                f"{tuple(logits0.shape)} and {tuple(logits_s.shape)}; run both models on the same tokens"
+            )
+        for name, t in (("targets", targets), ("mask", mask)):
+            if t is not None and tuple(t.shape) != tuple(logits0.shape[:2]):
+                raise MechsliceError(
+                    f"{name} has shape {tuple(t.shape)} but logits are {tuple(logits0.shape)}; "
+                    f"pass {name} of shape (batch, pos)"
+                )
+        with_targets = targets is not None
+        if self._with_targets is not None and with_targets != self._with_targets:
+            raise MechsliceError("pass targets to every update or to none: ln PPL needs them on all tokens")
+        if targets is not None:
+            valid = targets if mask is None else targets[mask.bool()]
+            if valid.numel() and (valid.min() < 0 or valid.max() >= logits0.shape[-1]):
+                raise MechsliceError(
+                    f"targets must be token ids in [0, {logits0.shape[-1]}); mask out padding or -100 labels"
+                )
+        self._with_targets = with_targets
+
+    def _stats(self, sums: dict[str, float], count: float) -> ShiftStats:
+        mean = {m: (sums[m] / count if count else None) for m in sums}
+        if not self._with_targets:
+            mean.update(dict.fromkeys(NLL_METRICS))
+        l0, ls = mean["ln_ppl_dense"], mean["ln_ppl_sliced"]
+        ratio = l0 / ls if l0 is not None and ls else None
+        return ShiftStats(tokens=int(count), **mean, ln_ppl_ratio=ratio)
+
+    def result(self) -> ShiftResult:
+        """Token-mean metrics overall and per position bucket (buckets with no tokens report None)."""
+        overall = self._stats({m: float(s.sum()) for m, s in self._sums.items()}, float(self._counts.sum()))
+        his = [*self.bucket_edges[1:], None]
+        buckets = [
+            BucketStats(lo, hi, self._stats({m: float(s[i]) for m, s in self._sums.items()}, float(c)))
+            for i, (lo, hi, c) in enumerate(zip(self.bucket_edges, his, self._counts, strict=True))
+        ]
+        return ShiftResult(overall=overall, buckets=buckets)
+
+
+def output_shift(
+    logits0: Float[Tensor, "batch pos vocab"],
+    logits_s: Float[Tensor, "batch pos vocab"],
+    targets: Int[Tensor, "batch pos"] | None = None,
+    mask: Bool[Tensor, "batch pos"] | None = None,
+    bucket_edges: Sequence[int] = DEFAULT_BUCKET_EDGES,
+) -> ShiftResult:
+    """One-shot `ShiftAccumulator` over a single batch of logits."""
+    acc = ShiftAccumulator(bucket_edges)
+    acc.update(logits0, logits_s, targets, mask)
+    return acc.result()
