@@ -1,0 +1,74 @@
+"""Calibration statistics for PCA: additive second moments (float64 sums) and their damped eigenbasis.
+
+`SecondMoment` is a plain sum H = sum_t x_t x_t^T with a token count, so shards computed on different processes
+merge exactly (add the sums, add the counts): a later step can all-reduce `H.sum` and `H.count` directly.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechslice.errors import MechsliceError
+
+# SliceGPT's damping: add 0.01 * mean(diag H) to the diagonal before `eigh`.
+DAMPING = 0.01
+
+
+@dataclass
+class SecondMoment:
+    """H = sum over calibration tokens of x x^T (float64), with the number of tokens it sums."""
+
+    d: int
+    device: torch.device | str = "cpu"
+    sum: Float[Tensor, "d d"] = field(init=False)
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.sum = torch.zeros(self.d, self.d, dtype=torch.float64, device=self.device)
+
+    def add(self, x: Float[Tensor, "... d"]) -> None:
+        """Accumulate the tokens of `x` (any leading shape)."""
+        flat = x.reshape(-1, self.d).to(torch.float64)
+        self.sum.addmm_(flat.T, flat)
+        self.count += flat.shape[0]
+
+    def merge(self, other: SecondMoment) -> None:
+        """Add another shard's sums (exact: the statistic is a plain sum)."""
+        self.sum += other.sum.to(self.sum.device)
+        self.count += other.count
+
+
+def require_finite(x: Tensor, signal: str) -> None:
+    """Refuse NaN/Inf calibration activations, naming the signal (and so the layer) they appeared in."""
+    if not bool(torch.isfinite(x).all()):
+        raise MechsliceError(
+            f"NaN or Inf in the calibration activations at {signal}; check the weights and dtype "
+            "(fp16 overflows are common: load with float32 or bfloat16)"
+        )
+
+
+def warn_if_few_tokens(tokens: int, d: int) -> None:
+    """Warn when the calibration has fewer tokens than d: H is rank-deficient and damping decides the rest."""
+    if tokens < d:
+        warnings.warn(
+            f"calibration has {tokens} tokens, fewer than d={d}: the second moment has rank <= {tokens}; "
+            f"damping ({DAMPING} x mean diagonal) makes it positive definite so the PCA is defined, but the "
+            f"{d - tokens} trailing directions are then arbitrary (equal eigenvalues); use more calibration tokens",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def pca(stats: SecondMoment) -> tuple[Float[Tensor, " d"], Float[Tensor, "d d"]]:
+    """Eigenvalues (descending) and eigenvectors (columns) of the damped per-token second moment, float64."""
+    if stats.count == 0:
+        raise MechsliceError("no calibration tokens were seen; give at least one calibration window")
+    h = stats.sum / stats.count
+    h = h + DAMPING * h.diagonal().mean() * torch.eye(stats.d, dtype=h.dtype, device=h.device)
+    eigenvalues, q = torch.linalg.eigh(h)
+    return eigenvalues.flip(0), q.flip(1)

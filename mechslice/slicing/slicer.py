@@ -1,0 +1,313 @@
+"""SliceGPT drivers: the exact per-sparsity `slice_model` (in place) and the shared-rotation `Slicer`.
+
+Per-layer mode (SliceGPT proper) computes each basis on the outputs of the already sliced previous layers:
+layer by layer it keeps one layer's worth of calibration activations (n x seqlen x d in the model's dtype, the
+only activation storage; batches are replaced in place), runs the attention branch once and the MLP branch once
+(one forward pass over the calibration in all), and accumulates two float64 second moments (d x d each).
+Peak memory: the model + n*seqlen*d*bytes + one batch of one layer's intermediates + a few d x d float64.
+Global mode computes one basis from the sum of every norm input's second moment of the dense model (one forward
+pass, no activation storage) and gives an ordinary model of width d'.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import transformers
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mechslice.errors import MechsliceError
+from mechslice.loading import LoadedModel
+from mechslice.perplexity import sdpa_attention
+from mechslice.slicing.calibration import SecondMoment, pca, require_finite, warn_if_few_tokens
+from mechslice.slicing.fusion import fuse_norms
+from mechslice.slicing.layers import ShortcutBlock, attn_branch, install_shortcut, mlp_branch
+from mechslice.slicing.rotation import resize_norm, rotate_embedding, rotate_readers, rotate_writer, shortcut
+from mechslice.slicing.signals import layer_inputs, norm_input_moments
+
+ROTATIONS = ("per-layer", "global")
+
+
+@dataclass
+class SlicingRecord:
+    """What was done to a model: nominal and effective sparsity, d -> d', mode, calibration, PCA spectra."""
+
+    mode: str
+    sparsity: float
+    effective_sparsity: float
+    d: int
+    d_prime: int
+    round_to: int
+    shared_rotation: bool
+    calibration: dict[str, Any]
+    spectra: dict[str, list[float]] = field(repr=False)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """The record as a JSON document (the content of `slicing.json`)."""
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> SlicingRecord:
+        """Read a record written by `to_json`."""
+        return cls(**json.loads(text))
+
+
+def sliced_width(d: int, sparsity: float, round_to: int = 8) -> int:
+    """d' = floor((1-s) d / r) * r, with the input checks every entry point shares."""
+    if not 0.0 <= sparsity < 1.0 or math.isnan(sparsity):
+        raise MechsliceError(f"sparsity must lie in [0, 1), got {sparsity}; e.g. --sparsity 0.25")
+    if round_to < 1:
+        raise MechsliceError(f"round_to must be at least 1, got {round_to}; use 1 for no rounding")
+    # round(., 6) keeps (1-s)d = 460.8 from becoming 460.79999 and flooring one multiple too low
+    d_prime = math.floor(round((1.0 - sparsity) * d, 6) / round_to) * round_to
+    if d_prime < 1:
+        raise MechsliceError(
+            f"sparsity {sparsity} leaves d' = {d_prime} of d = {d} after rounding down to a multiple of "
+            f"{round_to}; use a smaller sparsity or a smaller --round-to"
+        )
+    return d_prime
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {
+        "mechslice": version("mechslice"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def _check_input(lm: LoadedModel, calib: Tensor, rotation: str, batch_size: int) -> None:
+    if rotation not in ROTATIONS:
+        raise MechsliceError(f"unknown rotation '{rotation}'; use one of {', '.join(ROTATIONS)}")
+    if calib.ndim != 2 or calib.dtype not in (torch.int32, torch.int64) or calib.numel() == 0:
+        raise MechsliceError(
+            f"calibration must be a non-empty (n, seqlen) integer tensor, got {tuple(calib.shape)}"
+        )
+    if batch_size < 1:
+        raise MechsliceError(f"batch_size must be at least 1, got {batch_size}")
+    if any(isinstance(layer, ShortcutBlock) for layer in lm.adapter.layers(lm.model)):
+        raise MechsliceError(
+            "this model is already sliced in per-layer mode; slice the original model instead"
+        )
+    warn_if_few_tokens(calib.numel(), lm.dims.d)
+
+
+class _Rotator:
+    """Gives each position of the stream its basis, in order: enter(0), middle(0), enter(1), ..., enter(L).
+
+    enter(i, Q): the stream entering layer i (i = L: the final norm) is written by the embedding or layer
+    i-1's W_down and read by layer i's attention (or the unembedding). middle(i, Q): resid_mid of layer i,
+    written by W_o and read by the MLP. With shortcuts, each skip gets Q_prev^T Q.
+    """
+
+    def __init__(self, lm: LoadedModel, d_prime: int, shortcuts: bool) -> None:
+        self.lm, self.d, self.d_prime, self.shortcuts = lm, lm.dims.d, d_prime, shortcuts
+        self.layers = lm.adapter.layers(lm.model)
+        self.prev: Tensor | None = None
+
+    def enter(self, i: int, q: Float[Tensor, "d d_"]) -> None:
+        adapter, model = self.lm.adapter, self.lm.model
+        if i == 0:
+            rotate_embedding(adapter.embeddings(model), q)
+        else:
+            rotate_writer(adapter.block(self.layers[i - 1]).mlp_writer, q)
+            if self.shortcuts:
+                install_shortcut(self.layers[i - 1], adapter, "mlp_shortcut", shortcut(self.prev, q))
+        if i < len(self.layers):
+            view = adapter.block(self.layers[i])
+            rotate_readers(view.attn_readers, q)
+            resize_norm(view.input_norm, self.d, self.d_prime)
+        else:
+            rotate_readers((adapter.lm_head(model),), q)
+            resize_norm(adapter.final_norm(model), self.d, self.d_prime)
+            self._finish_config()
+        self.prev = q
+
+    def middle(self, i: int, q: Float[Tensor, "d d_"]) -> None:
+        view = self.lm.adapter.block(self.layers[i])
+        rotate_writer(view.attn_writer, q)
+        rotate_readers(view.mlp_readers, q)
+        resize_norm(view.post_attn_norm, self.d, self.d_prime)
+        if self.shortcuts:
+            install_shortcut(self.layers[i], self.lm.adapter, "attn_shortcut", shortcut(self.prev, q))
+        self.prev = q
+
+    def _finish_config(self) -> None:
+        config, dims = self.lm.model.config, self.lm.dims
+        config.head_dim = dims.h_dim  # keep the attention width: HF accepts hidden_size < heads * head_dim
+        config.hidden_size = self.d_prime
+
+
+def _basis(stats: SecondMoment, signal: str, spectra: dict[str, list[float]]) -> Float[Tensor, "d d"]:
+    require_finite(stats.sum, signal)
+    eigenvalues, q = pca(stats)
+    spectra[signal] = eigenvalues.tolist()
+    return q
+
+
+@torch.no_grad()
+def _slice_per_layer(
+    lm: LoadedModel, calib: Int[Tensor, "n seqlen"], d_prime: int, batch_size: int, progress: bool
+) -> dict[str, list[float]]:
+    """SliceGPT proper: each basis from the outputs of the already sliced layers before it."""
+    adapter, d, spectra = lm.adapter, lm.dims.d, {}
+    layers = adapter.layers(lm.model)
+    xs, call_args = layer_inputs(lm, calib, batch_size)
+    stats = SecondMoment(d, lm.device)
+    for x in xs:
+        require_finite(x, "the embedding output")
+        stats.add(x)
+    rotator = _Rotator(lm, d_prime, shortcuts=True)
+    for i, layer in enumerate(tqdm(layers, desc="slicing", disable=not progress)):
+        q = _basis(stats, f"resid_pre.{i}", spectra)[:, :d_prime]
+        rotator.enter(i, q)
+        qa = q.to(xs[0].dtype)
+        stats = SecondMoment(d, lm.device)
+        for b, x in enumerate(xs):
+            z = x @ qa
+            xs[b] = z @ qa.T + attn_branch(layer, adapter.input_norm, z, **call_args[b][i])
+            require_finite(xs[b], f"resid_mid of layer {i}")
+            stats.add(xs[b])
+        q = _basis(stats, f"resid_mid.{i}", spectra)[:, :d_prime]
+        rotator.middle(i, q)
+        qa = q.to(xs[0].dtype)
+        stats = SecondMoment(d, lm.device)
+        for b, x in enumerate(xs):
+            z = x @ qa
+            xs[b] = z @ qa.T + mlp_branch(layer, adapter.post_attn_norm, z)
+            require_finite(xs[b], f"the output of layer {i}")
+            stats.add(xs[b])
+    rotator.enter(len(layers), _basis(stats, "resid_final", spectra)[:, :d_prime])
+    return spectra
+
+
+def _share_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every tensor with `model` (no weight is copied)."""
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _unshare(copy_: nn.Module, original: nn.Module) -> None:
+    """Give `copy_` its own clone of every parameter it still shares with `original`."""
+    shared = {id(p) for p in original.parameters()}
+    for module in copy_.modules():
+        for name, p in module._parameters.items():
+            if p is not None and id(p) in shared:
+                module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+
+
+class Slicer:
+    """Calibrate once on the dense (fused) model, then hand out sliced models at any sparsity.
+
+    The bases of every signal are computed on the dense model (in per-layer mode SliceGPT proper recomputes
+    them on the sliced model for each sparsity; `slice_model` does that). `lm` is fused in place, otherwise
+    unchanged; each `sliced` model shares no tensor with it.
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        calib: Int[Tensor, "n seqlen"],
+        rotation: str = "per-layer",
+        batch_size: int = 8,
+        progress: bool = True,
+    ) -> None:
+        _check_input(lm, calib, rotation, batch_size)
+        self.lm, self.rotation = lm, rotation
+        self.calibration = {"n_samples": calib.shape[0], "seqlen": calib.shape[1], "tokens": calib.numel()}
+        fuse_norms(lm)
+        with sdpa_attention(lm.model):
+            pre, mid = norm_input_moments(lm, calib, batch_size, progress)
+        self.spectra: dict[str, list[float]] = {}
+        if rotation == "global":
+            total = SecondMoment(lm.dims.d, lm.device)
+            for stats in (*pre, *mid):
+                total.merge(stats)
+            q = _basis(total, "global", self.spectra)
+            self.q_pre, self.q_mid = [q] * len(pre), [q] * len(mid)
+        else:
+            self.q_pre = [_basis(s, f"resid_pre.{i}", self.spectra) for i, s in enumerate(pre[:-1])]
+            self.q_pre.append(_basis(pre[-1], "resid_final", self.spectra))
+            self.q_mid = [_basis(s, f"resid_mid.{i}", self.spectra) for i, s in enumerate(mid)]
+
+    def apply(self, lm: LoadedModel, d_prime: int) -> None:
+        """Rotate and slice `lm` (the fused dense model or a copy of it) in place with these bases."""
+        rotator = _Rotator(lm, d_prime, shortcuts=self.rotation == "per-layer")
+        for i, q_mid in enumerate(self.q_mid):
+            rotator.enter(i, self.q_pre[i][:, :d_prime])
+            rotator.middle(i, q_mid[:, :d_prime])
+        rotator.enter(len(self.q_mid), self.q_pre[-1][:, :d_prime])
+
+    def record(self, sparsity: float, d_prime: int, round_to: int, shared: bool) -> SlicingRecord:
+        """The record of slicing this calibration at `sparsity`."""
+        d = len(self.q_pre[0])
+        return _record(self.rotation, sparsity, d, d_prime, round_to, shared, self.calibration, self.spectra)
+
+    @torch.no_grad()
+    def sliced(self, sparsity: float, round_to: int = 8) -> tuple[LoadedModel, SlicingRecord]:
+        """A new sliced model at `sparsity` (peak memory: the dense model plus the sliced one)."""
+        d_prime = sliced_width(self.lm.dims.d, sparsity, round_to)
+        model = _share_copy(self.lm.model)
+        out = LoadedModel(model, self.lm.tokenizer, self.lm.adapter, self.lm.name, self.lm.source)
+        self.apply(out, d_prime)
+        _unshare(model, self.lm.model)
+        return out, self.record(sparsity, d_prime, round_to, shared=self.rotation == "per-layer")
+
+
+def _record(
+    mode: str,
+    sparsity: float,
+    d: int,
+    d_prime: int,
+    round_to: int,
+    shared: bool,
+    calibration: dict[str, Any],
+    spectra: dict[str, list[float]],
+) -> SlicingRecord:
+    return SlicingRecord(
+        mode=mode,
+        sparsity=sparsity,
+        effective_sparsity=1.0 - d_prime / d,
+        d=d,
+        d_prime=d_prime,
+        round_to=round_to,
+        shared_rotation=shared,
+        calibration=dict(calibration),
+        spectra=spectra,
+        versions=_versions(),
+    )
+
+
+@torch.no_grad()
+def slice_model(
+    lm: LoadedModel,
+    sparsity: float,
+    calib: Int[Tensor, "n seqlen"],
+    rotation: str = "per-layer",
+    round_to: int = 8,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> SlicingRecord:
+    """Fuse, rotate and slice `lm` to width d' = (1-s)d rounded down, in place, on the model's device."""
+    d = lm.dims.d
+    d_prime = sliced_width(d, sparsity, round_to)
+    if rotation == "global":
+        slicer = Slicer(lm, calib, "global", batch_size, progress)
+        slicer.apply(lm, d_prime)
+        return slicer.record(sparsity, d_prime, round_to, shared=False)
+    _check_input(lm, calib, rotation, batch_size)
+    fuse_norms(lm)
+    with sdpa_attention(lm.model):
+        spectra = _slice_per_layer(lm, calib, d_prime, batch_size, progress)
+    calibration = {"n_samples": calib.shape[0], "seqlen": calib.shape[1], "tokens": calib.numel()}
+    return _record(rotation, sparsity, d, d_prime, round_to, False, calibration, spectra)
