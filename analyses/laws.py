@@ -182,13 +182,16 @@ def law_points(results: dict[str, Any], dataset: str, acc_key: str = "acc") -> L
             return rec.get("ppl")
         return rec.get("tasks", {}).get(dataset, {}).get(acc_key)
 
+    def defined(v: float) -> bool:  # ln PPL must be > 0 to divide by; ln(acc) needs acc > 0
+        return v > 1.0 if dataset == PPL else v > 0.0
+
     dense = dense_record(results)
     base = value(dense)
     if base is None:
         raise MechsliceError(
             f"the dense record has no {dataset if dataset == PPL else dataset + ' ' + acc_key}"
         )
-    if (dataset == PPL and base <= 1.0) or (dataset != PPL and base <= 0.0):
+    if not defined(base):
         raise MechsliceError(f"the dense model's {dataset} value {base} leaves the law undefined")
     s, y, excluded = [], [], []
     for rec in results["records"]:
@@ -198,7 +201,7 @@ def law_points(results: dict[str, Any], dataset: str, acc_key: str = "acc") -> L
         if rec is dense:
             s.append(0.0)
             y.append(1.0 if dataset == PPL else 0.0)
-        elif (dataset == PPL and v <= 1.0) or (dataset != PPL and v <= 0.0):
+        elif not defined(v):
             excluded.append(float(rec["effective_sparsity"]))
         else:
             s.append(float(rec["effective_sparsity"]))
@@ -286,7 +289,7 @@ def fit_results(results: dict[str, Any], acc_key: str = "acc") -> FitTable:
         try:
             points = law_points(results, dataset, acc_key)
             if len(np.unique(points.s)) < 2:
-                raise MechsliceError(f"{len(np.unique(points.s))} sparsity with a value, needs two")
+                raise MechsliceError("only one sparsity has a value; a line needs two")
         except MechsliceError as err:
             skipped[dataset] = str(err)
             continue

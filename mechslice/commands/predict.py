@@ -45,9 +45,9 @@ def format_prediction(payload: dict[str, Any]) -> str:
     level = payload["level"]
     lines = [f"predicted at s = {payload['sparsity']:g} ({level:.0%} prediction intervals, fitted laws)"]
     if payload["ppl"] is not None:
-        lines.append(_line("perplexity", payload["ppl"], ".3f"))
+        lines.append(_line("perplexity", payload["ppl"], ".4g"))
         lines.append(
-            f"{'':<22} paper's law exp(ln PPL0 / (1 - s)): {_value(payload['ppl']['paper_law'], '.3f')}"
+            f"{'':<22} paper's law exp(ln PPL0 / (1 - s)): {_value(payload['ppl']['paper_law'], '.4g')}"
         )
     for task, entry in payload["tasks"].items():
         lines.append(_line(f"{task} {payload['acc_key']}", entry, ".4f"))
