@@ -1,0 +1,58 @@
+"""`mechslice mc`: zero-shot multiple-choice accuracy of a model on one task."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from mechslice.commands._common import add_model_args, emit, model_from_args
+from mechslice.mc import DEFAULT_SPLITS, evaluate_mc
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `mc` subcommand."""
+    splits = ", ".join(f"{task}: {split}" for task, split in DEFAULT_SPLITS.items())
+    parser = subparsers.add_parser(
+        "mc",
+        help="zero-shot multiple-choice accuracy (acc, acc_norm) on ARC-e/c, PIQA, WinoGrande, HellaSwag",
+        description=f"Log-likelihood multiple-choice accuracy. Default splits: {splits}.",
+    )
+    parser.add_argument("--task", required=True, help=f"one of: {', '.join(DEFAULT_SPLITS)}")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
+    parser.add_argument("--batch-size", type=int, default=16, help="requests per forward pass (16)")
+    parser.add_argument("--split", default=None, help="split to use (default: the task's default split)")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="a .jsonl file or `save_to_disk` folder (HF fields)"
+    )
+    add_model_args(parser)
+    parser.set_defaults(func=run)
+
+
+def _text(payload: dict[str, Any]) -> str:
+    def stderr(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    return (
+        f"{payload['task']} ({payload['split']} split, {payload['n']} items, {payload['source']})\n"
+        f"  acc      {payload['acc']:.4f} ± {stderr(payload['acc_stderr'])}\n"
+        f"  acc_norm {payload['acc_norm']:.4f} ± {stderr(payload['acc_norm_stderr'])}\n"
+        f"  {payload['seconds']:.1f} s, {payload['items_per_s']:.2f} items/s"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate the model on the task and print the accuracies."""
+    loaded = model_from_args(args)
+    result = evaluate_mc(
+        loaded.model,
+        loaded.tokenizer,
+        args.task,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        split=args.split,
+        data=args.data,
+        progress=not args.json,
+    )
+    emit(args, {"model": loaded.name, **result.to_json()}, _text)
+    return 0
