@@ -8,6 +8,7 @@ from typing import Any
 
 from mechslice.commands._common import add_model_args, emit, model_from_args
 from mechslice.mc import DEFAULT_SPLITS, evaluate_mc
+from mechslice.mc.tasks import check_limit, task_spec
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,6 +44,8 @@ def _text(payload: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate the model on the task and print the accuracies."""
+    task_spec(args.task)  # refuse bad input before loading the model
+    check_limit(args.limit)
     loaded = model_from_args(args)
     result = evaluate_mc(
         loaded.model,
