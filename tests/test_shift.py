@@ -47,7 +47,7 @@ def test_js_reaches_ln2_on_disjoint_supports_without_nan() -> None:
     logq = torch.tensor([-math.inf, 0.0], dtype=torch.float64)
     assert js_divergence(logp, logq).item() == pytest.approx(math.log(2), abs=TOL)
     assert predictive_entropy(logp).item() == 0.0
-    assert kl_divergence(logp, logq).item() == math.inf
+    assert kl_divergence(logp, logq).item() > 1e300  # log 0 is clamped to the float64 minimum, not inf
 
 
 def test_js_bounded_by_ln2_on_random_logits() -> None:
