@@ -198,6 +198,10 @@ class ShiftAccumulator:
                 f"dense and sliced logits must both be (batch, pos, vocab) with equal shapes, got "
                 f"{tuple(logits0.shape)} and {tuple(logits_s.shape)}; run both models on the same tokens"
             )
+        if logits0.device != logits_s.device:
+            raise MechsliceError(
+                f"dense logits are on {logits0.device} but sliced logits on {logits_s.device}; move both to one device"
+            )
         for name, t in (("targets", targets), ("mask", mask)):
             if t is not None and tuple(t.shape) != tuple(logits0.shape[:2]):
                 raise MechsliceError(

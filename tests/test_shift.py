@@ -132,6 +132,8 @@ def test_bad_inputs() -> None:
         output_shift(a, torch.randn(2, 3, 5))
     with pytest.raises(MechsliceError, match="equal shapes"):
         output_shift(a[0], a[0])
+    with pytest.raises(MechsliceError, match="one device"):
+        output_shift(a, a.to("meta"))
     with pytest.raises(MechsliceError, match="targets has shape"):
         output_shift(a, a, torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(MechsliceError, match=r"token ids in \[0, 4\)"):
