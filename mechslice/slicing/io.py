@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from mechslice.adapters import adapter_for
 from mechslice.errors import MechsliceError
@@ -62,6 +63,18 @@ def _shortcut_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _from_pretrained(path: Path, dtype: torch.dtype, quiet: bool) -> PreTrainedModel:
+    """The plain model; `quiet` hides the load report that lists the shortcut tensors as unexpected keys
+    (they are installed right after; a plain `from_pretrained` of a per-layer folder does warn about them)."""
+    verbosity = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_sliced(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a folder written by `save_sliced`: the model of width d' (with its shortcuts) and the tokenizer."""
     path = Path(path)
@@ -70,7 +83,7 @@ def load_sliced(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTra
         config = AutoConfig.from_pretrained(path)
         adapter = adapter_for(config)
         shortcuts = _shortcut_tensors(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = _from_pretrained(path, dtype, quiet=bool(shortcuts))
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (ValueError, OSError, KeyError, TypeError) as err:
         raise MechsliceError(f"could not load sliced model folder '{path}': {err}") from err

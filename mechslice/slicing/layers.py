@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -112,9 +111,3 @@ def restore_hf_modules(lm: LoadedModel) -> None:
 
     walk(lm.model)
     lm.reset_bridge()
-
-
-@torch.no_grad()
-def shortcut_shapes(layer: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Shapes of the shortcut matrices a layer holds (empty for a plain block)."""
-    return {n: tuple(getattr(layer, n).shape) for n in SHORTCUTS if getattr(layer, n, None) is not None}

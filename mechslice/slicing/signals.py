@@ -73,22 +73,25 @@ def norm_input_moments(
     targets: list[tuple[nn.Module, SecondMoment, str]] = []
     for i, layer in enumerate(adapter.layers(model)):
         view = adapter.block(layer)
-        targets += [(view.input_norm, pre[i], f"the input of layer {i}")]
+        targets += [
+            (view.input_norm, pre[i], "the embedding output" if i == 0 else f"the output of layer {i - 1}")
+        ]
         targets += [(view.post_attn_norm, mid[i], f"resid_mid of layer {i}")]
-    targets.append((adapter.final_norm(model), pre[-1], "the final norm input"))
+    targets.append((adapter.final_norm(model), pre[-1], f"the output of layer {len(mid) - 1}"))
 
-    def hook_for(stats: SecondMoment, signal: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+    def hook_for(stats: SecondMoment) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            require_finite(args[0], signal)
             stats.add(args[0])
 
         return hook
 
-    handles = [norm.register_forward_pre_hook(hook_for(stats, signal)) for norm, stats, signal in targets]
+    handles = [norm.register_forward_pre_hook(hook_for(stats)) for norm, stats, _ in targets]
     try:
         for batch in tqdm(list(batches(calib, batch_size)), desc="calibrating", disable=not progress):
             model.base_model(input_ids=batch.to(lm.device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
+    for _, stats, signal in targets:  # in network order, so the first non-finite signal is named
+        require_finite(stats.sum, signal)
     return pre, mid

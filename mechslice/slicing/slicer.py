@@ -148,7 +148,10 @@ class _Rotator:
         config.hidden_size = self.d_prime
 
 
-def _basis(stats: SecondMoment, signal: str, spectra: dict[str, list[float]]) -> Float[Tensor, "d d"]:
+def _basis(
+    stats: SecondMoment, key: str, spectra: dict[str, list[float]], signal: str
+) -> Float[Tensor, "d d"]:
+    """The PCA basis of one signal, its spectrum stored under `key`; NaN/Inf in its sums name `signal`."""
     require_finite(stats.sum, signal)
     eigenvalues, q = pca(stats)
     spectra[signal] = eigenvalues.tolist()
@@ -165,29 +168,34 @@ def _slice_per_layer(
     xs, call_args = layer_inputs(lm, calib, batch_size)
     stats = SecondMoment(d, lm.device)
     for x in xs:
-        require_finite(x, "the embedding output")
         stats.add(x)
     rotator = _Rotator(lm, d_prime, shortcuts=True)
     for i, layer in enumerate(tqdm(layers, desc="slicing", disable=not progress)):
-        q = _basis(stats, f"resid_pre.{i}", spectra)[:, :d_prime]
+        q = _basis(
+            stats,
+            f"resid_pre.{i}",
+            spectra,
+            "the embedding output" if i == 0 else f"the output of layer {i - 1}",
+        )[:, :d_prime]
         rotator.enter(i, q)
         qa = q.to(xs[0].dtype)
         stats = SecondMoment(d, lm.device)
         for b, x in enumerate(xs):
             z = x @ qa
             xs[b] = z @ qa.T + attn_branch(layer, adapter.input_norm, z, **call_args[b][i])
-            require_finite(xs[b], f"resid_mid of layer {i}")
             stats.add(xs[b])
-        q = _basis(stats, f"resid_mid.{i}", spectra)[:, :d_prime]
+        q = _basis(stats, f"resid_mid.{i}", spectra, f"resid_mid of layer {i}")[:, :d_prime]
         rotator.middle(i, q)
         qa = q.to(xs[0].dtype)
         stats = SecondMoment(d, lm.device)
         for b, x in enumerate(xs):
             z = x @ qa
             xs[b] = z @ qa.T + mlp_branch(layer, adapter.post_attn_norm, z)
-            require_finite(xs[b], f"the output of layer {i}")
             stats.add(xs[b])
-    rotator.enter(len(layers), _basis(stats, "resid_final", spectra)[:, :d_prime])
+    rotator.enter(
+        len(layers),
+        _basis(stats, "resid_final", spectra, f"the output of layer {len(layers) - 1}")[:, :d_prime],
+    )
     return spectra
 
 
@@ -233,12 +241,18 @@ class Slicer:
             total = SecondMoment(lm.dims.d, lm.device)
             for stats in (*pre, *mid):
                 total.merge(stats)
-            q = _basis(total, "global", self.spectra)
+            q = _basis(total, "global", self.spectra, "the summed norm inputs")
             self.q_pre, self.q_mid = [q] * len(pre), [q] * len(mid)
         else:
-            self.q_pre = [_basis(s, f"resid_pre.{i}", self.spectra) for i, s in enumerate(pre[:-1])]
-            self.q_pre.append(_basis(pre[-1], "resid_final", self.spectra))
-            self.q_mid = [_basis(s, f"resid_mid.{i}", self.spectra) for i, s in enumerate(mid)]
+            self.q_pre = [
+                _basis(s, f"resid_pre.{i}", self.spectra, f"resid_pre of layer {i}")
+                for i, s in enumerate(pre[:-1])
+            ]
+            self.q_pre.append(_basis(pre[-1], "resid_final", self.spectra, "the final norm input"))
+            self.q_mid = [
+                _basis(s, f"resid_mid.{i}", self.spectra, f"resid_mid of layer {i}")
+                for i, s in enumerate(mid)
+            ]
 
     def apply(self, lm: LoadedModel, d_prime: int) -> None:
         """Rotate and slice `lm` (the fused dense model or a copy of it) in place with these bases."""

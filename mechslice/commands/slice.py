@@ -1,0 +1,78 @@
+"""`mechslice slice`: SliceGPT a model to width d' = (1-s)d and save it as a loadable folder."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from mechslice.commands._common import add_model_args, emit, model_from_args
+from mechslice.corpora import calibration_windows
+from mechslice.errors import MechsliceError
+from mechslice.slicing import save_sliced, slice_model, sliced_width
+from mechslice.slicing.slicer import ROTATIONS
+
+CALIBRATION_SEED = 42
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `slice` subcommand."""
+    parser = sub.add_parser(
+        "slice", help="rotate with PCA and slice the residual stream (SliceGPT), then save"
+    )
+    add_model_args(parser)
+    parser.add_argument("--sparsity", type=float, required=True, help="fraction s of d to remove, in [0, 1)")
+    parser.add_argument("--rotation", choices=ROTATIONS, default="per-layer", help="default per-layer")
+    parser.add_argument(
+        "--calib-corpus", default="wiki", help="wiki, wikitext2:PATH or text:PATH (train split)"
+    )
+    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    parser.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    parser.add_argument(
+        "--round-to", type=int, default=8, help="round d' down to a multiple of R (default 8)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per pass (default 8)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Slice and save; print a summary (one JSON object with --json)."""
+    if args.out.exists() and not args.overwrite:
+        raise MechsliceError(
+            f"output folder '{args.out}' exists; pass --overwrite to replace it or choose another"
+        )
+    lm = model_from_args(args)
+    sliced_width(lm.dims.d, args.sparsity, args.round_to)  # reject bad input before calibrating
+    calib = calibration_windows(
+        lm.tokenizer, args.calib_corpus, args.calib_samples, args.calib_seqlen, seed=CALIBRATION_SEED
+    )
+    start = time.perf_counter()
+    record = slice_model(
+        lm, args.sparsity, calib, args.rotation, args.round_to, args.batch_size, progress=not args.json
+    )
+    record.calibration.update(corpus=args.calib_corpus, split="train", seed=CALIBRATION_SEED)
+    seconds = time.perf_counter() - start
+    save_sliced(lm, record, args.out, overwrite=args.overwrite)
+    payload = {
+        "model": lm.name,
+        "out": str(args.out),
+        "mode": record.mode,
+        "sparsity": record.sparsity,
+        "effective_sparsity": record.effective_sparsity,
+        "d": record.d,
+        "d_prime": record.d_prime,
+        "calibration": record.calibration,
+        "seconds": seconds,
+    }
+    emit(args, payload, _text)
+    return 0
+
+
+def _text(p: dict[str, Any]) -> str:
+    return (
+        f"{p['model']}: sliced {p['mode']} d {p['d']} -> {p['d_prime']} (sparsity {p['sparsity']}, effective "
+        f"{p['effective_sparsity']:.4f}) in {p['seconds']:.1f} s; saved to {p['out']}"
+    )
