@@ -58,7 +58,7 @@ def test_a_wrong_stage_is_caught() -> None:
 
 def test_bad_input() -> None:
     lm = tiny()
-    with pytest.raises(MechsliceError, match="layer index 5 is out of range; this model has layers 0..1"):
+    with pytest.raises(MechsliceError, match=r"layer index 5 is out of range; this model has layers 0\.\.1"):
         check_conformance(lm, _ids(128, (1, 8)), layers=[5])
     with pytest.raises(MechsliceError, match="no tokens to check"):
         check_conformance(lm, torch.zeros(1, 0, dtype=torch.long))
