@@ -91,7 +91,7 @@ def gaussian_entropy_from_spectrum(
     Eigenvalues below rel_floor * lambda_max (default: the largest given) are clamped to that floor.
     """
     lam = np.asarray(eigvals, dtype=np.float64)
-    top = float(lam.max()) if lambda_max is None else lambda_max
+    top = (float(lam.max()) if lam.size else 0.0) if lambda_max is None else lambda_max
     if lam.size == 0 or top <= 0.0:
         raise MechsliceError("covariance spectrum is empty or all zero (constant sample); entropy is -inf")
     lam = np.maximum(lam, rel_floor * top)
@@ -132,7 +132,10 @@ def gaussian_entropy_top(X: Sample, k: int, rel_floor: float = REL_EIG_FLOOR) ->
     """Gaussian entropy of X projected onto its top-k principal directions (what slicing to d'=k keeps).
 
     Compared with `gaussian_entropy(X)` this gives the premise's ratio H(E'_out)/H(E_out) without building a
-    sliced model: PCA slicing keeps exactly these directions. The floor is relative to the full spectrum.
+    sliced model: PCA slicing keeps these directions (SliceGPT uses the uncentred second moment, so its
+    directions differ slightly for a stream with a large mean). Directions with variance below 1/(2*pi*e)
+    contribute negative entropy, so dropping them can make the ratio exceed 1 (seen on SmolLM2's layer 1).
+    The floor is relative to the full spectrum.
     """
     lam = covariance_spectrum(X)
     if not 1 <= k <= lam.size:

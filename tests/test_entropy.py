@@ -16,6 +16,7 @@ from analyses.entropy import (
     estimate,
     gaussian_entropy,
     gaussian_entropy_from_moments,
+    gaussian_entropy_from_spectrum,
     gaussian_entropy_top,
     kde_entropy_1d,
     knn_entropy,
@@ -189,5 +190,7 @@ def test_bad_inputs() -> None:
         layer_entropy_summary({0: x}, {1: x})
     with pytest.raises(MechsliceError, match=r"1 <= k <= d=4"):
         gaussian_entropy_top(np.random.default_rng(0).standard_normal((20, 4)), 5)
+    with pytest.raises(MechsliceError, match="empty or all zero"):
+        gaussian_entropy_from_spectrum(np.array([]))
     with pytest.raises(MechsliceError, match="pass a \\(d, d\\)"):
         gaussian_entropy_from_moments(np.zeros(3), np.zeros((2, 2)), 10)
