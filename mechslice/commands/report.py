@@ -1,0 +1,34 @@
+"""`mechslice report DIR`: rebuild DIR/report.html (Fig. 3, Table 3, entropy, spectra, shift) from results.json."""
+
+from __future__ import annotations
+
+import argparse
+
+from analyses.laws import ACC_KEYS
+from analyses.report import build_report
+from mechslice.commands._common import add_json_arg, emit
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `report` subcommand."""
+    parser = subparsers.add_parser(
+        "report",
+        help="rebuild a sweep's self-contained HTML report from its results.json",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument("dir", metavar="DIR", help="a sweep's output folder (holds results.json)")
+    parser.add_argument(
+        "--out", default=None, metavar="PATH", help="where to write (default DIR/report.html)"
+    )
+    parser.add_argument(
+        "--acc-key", choices=ACC_KEYS, default="acc", help="accuracy the law is fitted on (default acc)"
+    )
+    add_json_arg(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the report and print its path."""
+    path = build_report(args.dir, args.out, acc_key=args.acc_key)
+    emit(args, {"report": str(path)}, lambda p: f"wrote {p['report']}")
+    return 0

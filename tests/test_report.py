@@ -1,0 +1,326 @@
+"""The sweep report: every section from a synthetic results.json, sections omitted when data is absent,
+offline self-containment, the Table 3 numbers, atomic writing, and the `mechslice report` command."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.offline
+import pytest
+
+from analyses.laws import fit_results
+from analyses.report import REPORT_FILE, build_report, kept_fraction, quick_note, summary
+from mechslice.cli import main
+from mechslice.errors import MechsliceError
+
+D = 64
+LAYERS = 4
+PPL0 = 14.0
+ACC0 = {"arc_easy": 0.52, "arc_challenge": 0.27, "piqa": 0.62}
+SLOPES = {"arc_easy": -1.6, "arc_challenge": -0.4, "piqa": -0.9}
+PPL_SLOPE = -1.2
+
+
+def make_results(
+    nominal: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4),
+    extras: bool = True,
+    quick: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A sweep following the laws with a little noise; with `extras`, entropy, shift and spectra files too.
+
+    d' is rounded down to a multiple of 8, so effective and nominal sparsity differ as in a real sweep.
+    """
+    rng = np.random.default_rng(seed)
+    records = []
+    for s_nom in nominal:
+        d_prime = int((1 - s_nom) * D) // 8 * 8
+        s = 1 - d_prime / D
+        noise = 0.0 if s == 0 else rng.normal(0.0, 0.01)
+        tasks = {
+            task: {
+                "acc": acc0 * math.exp(SLOPES[task] * s + noise),
+                "acc_norm": acc0 * math.exp(0.5 * SLOPES[task] * s),
+                "stderr": 0.02,
+                "acc_norm_stderr": 0.02,
+                "n": 500,
+                "split": "validation",
+            }
+            for task, acc0 in ACC0.items()
+        }
+        rec: dict[str, Any] = {
+            "sparsity": s_nom,
+            "effective_sparsity": s,
+            "d": D,
+            "d_prime": d_prime,
+            "ppl": math.exp(math.log(PPL0) / (1.0 + PPL_SLOPE * s + noise)),
+            "ppl_tokens": 4096,
+            "tasks": tasks,
+            "seconds": {"slice": 1.5, "ppl": 2.0},
+        }
+        if extras:
+            h_dense = 10.0 + np.arange(LAYERS, dtype=float)
+            ratios = (1 - s) * (1 + 0.02 * rng.standard_normal(LAYERS))
+            rec["entropy"] = {
+                est: {
+                    "per_layer_dense": list(h_dense * scale),
+                    "per_layer": list(h_dense * ratios * scale),
+                    "same_sign": est == "gaussian",
+                    "ratio_per_layer": list(ratios),
+                    "ratio_mean": float(ratios.mean()),
+                    "kappa_mean": float((h_dense * ratios).mean() / d_prime),
+                }
+                for est, scale in (("gaussian", 1.0), ("knn", 0.9))
+            }
+            overall = {
+                "kl": 2.0 * s,
+                "js": 0.4 * s,
+                "top1_agreement": 1.0 - s,
+                "entropy_dense": 3.0,
+                "entropy_sliced": 3.0 + s,
+            }
+            # Both layouts: the overall metrics flattened into the record, or nested as ShiftResult.to_dict().
+            nested = len(records) % 2 == 1
+            rec["shift"] = {
+                **({"overall": overall} if nested else overall),
+                "buckets": [
+                    {"lo": 0, "hi": 16, "stats": {"kl": 2.5 * s, "tokens": 100}},
+                    {"lo": 16, "hi": None, "stats": {"kl": 1.5 * s, "tokens": 900}},
+                ],
+            }
+            rec["spectra_file"] = f"spectra/s{s_nom:.3f}.json"
+        records.append(rec)
+    settings = {
+        "quick": quick,
+        "sparsities": list(nominal),
+        "tasks": list(ACC0),
+        "rotation": "per-layer",
+        "path": "exact",
+        "calib_corpus": "wiki",
+        "calib_samples": 8 if quick else 128,
+        "calib_seqlen": 256 if quick else 2048,
+        "ppl_max_tokens": 4096,
+        "mc_limit": 100 if quick else None,
+    }
+    return {
+        "model": "smollm2-<135m>",
+        "model_fingerprint": "abc123",
+        "settings": settings,
+        "records": records,
+    }
+
+
+def write_sweep(folder: Path, results: dict[str, Any]) -> Path:
+    """results.json plus, for records that name one, a spectra file of 2 rotations per layer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results))
+    rng = np.random.default_rng(1)
+    for rec in results["records"]:
+        if "spectra_file" in rec:
+            spectra = [
+                {
+                    "name": f"layer{i}.{part}",
+                    "eigenvalues": sorted(rng.exponential(1.0, D).tolist(), reverse=True),
+                }
+                for i in range(LAYERS)
+                for part in ("attn", "mlp")
+            ]
+            path = folder / rec["spectra_file"]
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps(spectra))
+    return folder
+
+
+def _without_plotlyjs(page: str) -> str:
+    """The page with the inlined plotly.js bundle cut out (it must be there exactly once)."""
+    js = plotly.offline.get_plotlyjs()
+    assert page.count(js) == 1
+    return page.replace(js, "")
+
+
+# ---------------------------------------------------------------- building
+
+
+def test_full_report_has_every_section_and_is_offline(tmp_path: Path) -> None:
+    folder = write_sweep(tmp_path / "run", make_results())
+    path = build_report(folder)
+    assert path == folder / REPORT_FILE
+    page = path.read_text(encoding="utf-8")
+    rest = _without_plotlyjs(page)
+    # Self-contained: no script or link tag loads anything, and no URL at all outside plotly.js itself.
+    assert not re.search(r"<(script|link)[^>]*(src|href)\s*=", rest)
+    assert not re.search(r"https?://", rest)
+    for anchor in (
+        "summary",
+        "fig3a",
+        "fig3b",
+        "table3",
+        "predict",
+        "entropy",
+        "spectra",
+        "shift",
+        "settings",
+        "raw",
+    ):
+        assert f'id="{anchor}"' in rest
+    assert 'class="note"' not in rest.split('id="table3"')[0]  # no section before Table 3 was omitted
+    # One plot per figure: 3a, 3b, prediction, entropy ratio + 2 per estimator, 2 spectra, 2 shift.
+    assert rest.count("Plotly.newPlot(") == 3 + 1 + 4 + 2 + 2
+    assert "Fig. 3a analogue" in rest and "Table 3 Llama-3" in rest and "paper: y = 1 - s" in rest
+    # Model name is escaped, the settings and fingerprint are shown.
+    assert "smollm2-&lt;135m&gt;" in rest and "smollm2-<135m>" not in rest
+    assert "abc123" in rest and "per-layer" in rest
+    assert "ARC-e" in rest and "layer3.mlp" in rest
+    assert "knn: some layers&#x27; dense and sliced entropies differ in sign" in rest
+    assert "gaussian: some layers" not in rest
+    # Every record's KL reaches the shift table, from flat and nested layouts alike (2.0 * s).
+    shift_html = rest.split('id="shift"')[1].split("<h2")[0]
+    for s in (0.125, 0.25, 0.375, 0.5):
+        assert f"<td>{2.0 * s:.4g}</td>" in shift_html
+
+
+def test_report_contains_table3_numbers(tmp_path: Path) -> None:
+    results = make_results()
+    folder = write_sweep(tmp_path, results)
+    rest = _without_plotlyjs(build_report(folder).read_text(encoding="utf-8"))
+    table = fit_results(results)
+    table_html = rest.split('id="table3"')[1].split("<h2")[0]
+    for row in table.rows:
+        f = row.fit
+        for value in (f"{f.a:+.3f}", f"{f.b:+.3f}", f"{f.rmse:.3f}", f"{f.r2:.3f}", f"{f.loo_rmse:.3f}"):
+            assert value in table_html, (row.dataset, value)
+        assert f"[{f.a_ci[0]:+.3f}, {f.a_ci[1]:+.3f}]" in table_html
+    # The paper's values sit beside ours: Table 3, Llama-3 and Phi-3, perplexity and ARC-c.
+    assert "-1.08, +0.96, 0.03" in table_html and "-0.90, +1.02, 0.01" in table_html
+    assert "-2.02, -0.07, 0.09" in table_html
+    assert f"RMSE {table.row('ppl').literal_rmse:.3f}" in table_html
+
+
+def test_report_without_extras_builds_with_notes(tmp_path: Path) -> None:
+    folder = write_sweep(tmp_path, make_results(extras=False))
+    rest = _without_plotlyjs(build_report(folder).read_text(encoding="utf-8"))
+    assert "recorded no residual-stream entropy" in rest
+    assert "saved no eigenvalue spectra" in rest
+    assert "recorded no output-distribution shift" in rest
+    assert "No prediction from internals" in rest
+    assert rest.count("Plotly.newPlot(") == 2  # only Figs. 3a and 3b
+
+
+def test_report_when_nothing_can_be_fitted(tmp_path: Path) -> None:
+    # Only the dense model: no line can be fitted, yet the report builds and says why.
+    folder = write_sweep(tmp_path, make_results(nominal=(0.0,), extras=False))
+    page = build_report(folder).read_text(encoding="utf-8")
+    assert "No law could be fitted" in page
+    assert "Plotly.newPlot(" not in page and "plotly.js" not in page  # no figure, so no bundle either
+
+
+def test_missing_spectra_file_is_a_note(tmp_path: Path) -> None:
+    results = make_results()
+    folder = write_sweep(tmp_path, results)
+    (folder / results["records"][1]["spectra_file"]).unlink()
+    (folder / results["records"][2]["spectra_file"]).write_text("[1, 2]")
+    rest = _without_plotlyjs(build_report(folder).read_text(encoding="utf-8"))
+    spectra_html = rest.split('id="spectra"')[1].split("<h2")[0]
+    assert spectra_html.count("that sparsity is left out") == 2
+    assert spectra_html.count("Plotly.newPlot(") == 2  # the remaining sparsities still plotted
+
+
+def test_atomic_write_to_custom_out_leaves_no_temp_files(tmp_path: Path) -> None:
+    folder = write_sweep(tmp_path / "run", make_results(extras=False))
+    out_dir = tmp_path / "elsewhere"
+    out_dir.mkdir()
+    (out_dir / "r.html").write_text("old")
+    path = build_report(folder, out_dir / "r.html")
+    assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert sorted(p.name for p in out_dir.iterdir()) == ["r.html"]
+    assert not (folder / REPORT_FILE).exists()
+    with pytest.raises(MechsliceError, match="does not exist"):
+        build_report(folder, tmp_path / "nowhere" / "r.html")
+    with pytest.raises(MechsliceError, match="accuracy key"):
+        build_report(folder, acc_key="f1")
+
+
+# ---------------------------------------------------------------- the generated words
+
+
+def test_summary_reports_prop2_and_near_chance_task(tmp_path: Path) -> None:
+    results = make_results()
+    table = fit_results(results)
+    text = "\n".join(summary(results, table, None))
+    f = table.row("ppl").fit
+    assert f"y = {f.a:+.3f}·s {f.b:+.3f}" in text
+    # Our slope -1.2 is outside the interval around -1 and steeper than both of the paper's models.
+    assert "outside our 95% intervals" in text and "steeper than both" in text
+    # ARC-c's acc0 = 0.27 is within 0.05 of chance 0.25; ARC-e's 0.52 is not.
+    arc_c = next(line for line in text.splitlines() if line.startswith("ARC-c"))
+    arc_e = next(line for line in text.splitlines() if line.startswith("ARC-e"))
+    assert "close to chance" in arc_c and "close to chance" not in arc_e
+    assert "From internals (gaussian entropy)" in text
+    assert "quick profile" not in text
+
+
+def test_summary_accepts_paper_line_when_it_fits() -> None:
+    # Exactly y = 1 - s up to tiny noise: the paper's line lies inside the intervals.
+    results = make_results()
+    rng = np.random.default_rng(3)
+    for rec in results["records"]:
+        s = rec["effective_sparsity"]
+        rec["ppl"] = math.exp(math.log(PPL0) / (1.0 - s + (0 if s == 0 else rng.normal(0, 0.01))))
+    text = "\n".join(summary(results, fit_results(results), None))
+    assert "lies inside our 95% intervals" in text and "Prop. 2 holds here" in text
+
+
+def test_quick_note() -> None:
+    note = quick_note(make_results(quick=True)["settings"])
+    assert note is not None and "not a result to quote" in note and "8 calibration windows" in note
+    assert quick_note(make_results()["settings"]) is None
+
+
+def test_quick_profile_is_flagged_in_page(tmp_path: Path) -> None:
+    folder = write_sweep(tmp_path, make_results(quick=True, extras=False))
+    page = build_report(folder).read_text(encoding="utf-8")
+    assert '<p class="warn">This is the quick profile' in page
+    assert page.count("This is the quick profile") == 1
+
+
+def test_kept_fraction() -> None:
+    assert kept_fraction([4.0, 3.0, 2.0, 1.0], 2) == pytest.approx(0.7, abs=1e-15)  # (4+3)/10, exact in fp
+    assert kept_fraction([1.0, -1e-18], 1) == 1.0  # round-off negatives count as 0
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = write_sweep(tmp_path / "run", make_results(extras=False))
+    assert main(["report", str(folder)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {folder / REPORT_FILE}"
+    assert main(["report", str(folder), "--out", str(tmp_path / "x.html"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"report": str(tmp_path / "x.html")}
+    assert (tmp_path / "x.html").is_file()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist"),
+        ("{not json", "not valid JSON"),
+        ('{"model": "m", "records": []}', "no 'records'"),
+    ],
+)
+def test_cli_report_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, message: str
+) -> None:
+    folder = tmp_path / "run"
+    if content is not None:
+        folder.mkdir()
+        (folder / "results.json").write_text(content)
+    assert main(["report", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (folder / REPORT_FILE).exists()
