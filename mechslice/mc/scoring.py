@@ -87,32 +87,85 @@ def sdpa_attention(model: PreTrainedModel) -> Iterator[None]:
             model.set_attn_implementation(previous)
 
 
-def _batch_tensors(
-    batch: list[Encoded], pad_id: int, max_positions: int
-) -> tuple[
-    Int[Tensor, "b pos"], Int[Tensor, "b pos"], Int[Tensor, "b k"], Int[Tensor, "b k"], Int[Tensor, "b k"]
-]:
-    """Right-padded inputs, their mask, and per row the positions, targets and count of continuation tokens."""
-    rows = []
-    for context, continuation in batch:
-        tokens = (context + continuation)[-(max_positions + 1) :]  # left-truncate overlong contexts
-        rows.append((tokens[:-1], continuation))
-    width = max(len(inputs) for inputs, _ in rows)
-    k = max(len(continuation) for _, continuation in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[Int[Tensor, "b pos"], Int[Tensor, "b pos"]]:
+    """Rows padded on the right to one width, with the attention mask of their real tokens."""
+    width = max(1, *(len(row) for row in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    positions = torch.zeros((len(rows), k), dtype=torch.long)
-    targets = torch.zeros((len(rows), k), dtype=torch.long)
-    lengths = torch.zeros(len(rows), dtype=torch.long)
-    for row, (inputs, continuation) in enumerate(rows):
-        input_ids[row, : len(inputs)] = torch.tensor(inputs)
-        mask[row, : len(inputs)] = 1
-        # The logit at position p predicts token p + 1: the continuation is read off its last len(cont) inputs.
-        first = len(inputs) - len(continuation)
-        positions[row] = (first + torch.arange(k)).clamp(max=width - 1)
-        targets[row, : len(continuation)] = torch.tensor(continuation)
-        lengths[row] = len(continuation)
-    return input_ids, mask, positions, targets, lengths
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def _fit(request: Encoded, max_positions: int) -> Encoded:
+    """Left-truncate the context so context + continuation minus its last token fits the model's positions."""
+    context, continuation = request
+    room = max_positions + 1 - len(continuation)
+    if room < 1:
+        raise MechsliceError(
+            f"a continuation of {len(continuation)} tokens exceeds the model's {max_positions} positions"
+        )
+    return context[-room:], continuation
+
+
+def _context_batches(
+    groups: dict[tuple[int, ...], list[int]], batch_size: int
+) -> Iterator[list[tuple[int, ...]]]:
+    """Contexts, longest first, gathered until their requests fill `batch_size` (at least one context each)."""
+    batch: list[tuple[int, ...]] = []
+    count = 0
+    for context in sorted(groups, key=len, reverse=True):
+        if batch and count + len(groups[context]) > batch_size:
+            yield batch
+            batch, count = [], 0
+        batch.append(context)
+        count += len(groups[context])
+    if batch:
+        yield batch
+
+
+def _score_batch(
+    model: PreTrainedModel, contexts: list[tuple[int, ...]], rows: list[tuple[int, list[int]]], pad_id: int
+) -> Float[Tensor, "r"]:
+    """Summed continuation log-probs of `rows` = (context index, continuation ids), each context run once.
+
+    Pass 1 runs the right-padded contexts and keeps their KV cache; its last logit scores each continuation's
+    first token. Pass 2 copies each context's cache to its continuations and runs them after it (the mask hides
+    the context padding, position ids continue each context), scoring the remaining tokens.
+    """
+    device = next(model.parameters()).device
+    ctx_ids, ctx_mask = _right_pad([list(c) for c in contexts], pad_id)
+    ctx_len = ctx_mask.sum(dim=1)
+    out = model(
+        input_ids=ctx_ids.to(device),
+        attention_mask=ctx_mask.to(device),
+        use_cache=True,
+        logits_to_keep=(ctx_len - 1)[:, None].to(device),
+    )
+    first = torch.log_softmax(out.logits[:, 0].float(), dim=-1)
+    owner = torch.tensor([c for c, _ in rows], device=device)
+    heads = torch.tensor([cont[0] for _, cont in rows], device=device)
+    scores = first[owner, heads]
+    tails = [cont[1:] for _, cont in rows]
+    if any(tails):
+        cache = out.cache
+        cache.reorder_cache(owner)
+        inputs, mask = _right_pad([cont[:-1] for _, cont in rows], pad_id)
+        targets, valid = _right_pad(tails, 0)
+        width = inputs.shape[1]
+        positions = ctx_len.to(device)[owner][:, None] + torch.arange(width, device=device)[None, :]
+        logits = model(
+            input_ids=inputs.to(device),
+            attention_mask=torch.cat([ctx_mask.to(device)[owner], mask.to(device)], dim=1),
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        ).logits
+        rest = torch.log_softmax(logits[:, : targets.shape[1]].float(), dim=-1)
+        rest = rest.gather(-1, targets.to(device)[..., None])[..., 0]
+        scores = scores + (rest * valid.to(device)).sum(dim=1)
+    return scores.double().cpu()
 
 
 @torch.inference_mode()
@@ -125,34 +178,26 @@ def continuation_logprobs(
 ) -> Float[Tensor, "r"]:
     """log P(continuation | context) summed over continuation tokens, for every request, in float64.
 
-    Requests run `batch_size` at a time, longest first so each batch pads little; only the continuation
-    positions are projected onto the vocabulary. `progress` advances by `weights[i]` when request i is done.
+    Requests sharing a context (the choices of one question) run that context once; about `batch_size`
+    continuations run per forward pass, longest contexts first so batches pad little. `progress` advances by
+    `weights[i]` when request i is done.
     """
     if batch_size < 1:
         raise MechsliceError(f"batch size must be at least 1, got {batch_size}")
-    device = next(model.parameters()).device
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    max_positions = model.config.max_position_embeddings
-    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
+    fitted = [_fit(request, model.config.max_position_embeddings) for request in requests]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, (context, _) in enumerate(fitted):
+        groups.setdefault(tuple(context), []).append(index)
     scores = torch.zeros(len(requests), dtype=torch.float64)
     with sdpa_attention(model):
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            input_ids, mask, positions, targets, lengths = _batch_tensors(
-                [requests[i] for i in chunk], pad_id, max_positions
-            )
-            logits = model(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                logits_to_keep=positions.to(device),
-            ).logits
-            logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.to(device)[..., None])[
-                ..., 0
-            ]
-            valid = torch.arange(targets.shape[1], device=device)[None, :] < lengths.to(device)[:, None]
-            scores[chunk] = (logprobs * valid).sum(dim=1).double().cpu()
+        for contexts in _context_batches(groups, batch_size):
+            members = [(c, i) for c, context in enumerate(contexts) for i in groups[context]]
+            rows = [(c, fitted[i][1]) for c, i in members]
+            done = [i for _, i in members]
+            scores[done] = _score_batch(model, contexts, rows, pad_id)
             if progress is not None and weights is not None:
-                progress.update(sum(weights[i] for i in chunk))
+                progress.update(sum(weights[i] for i in done))
     return scores
 
 
