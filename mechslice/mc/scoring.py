@@ -56,7 +56,7 @@ def encode_request(tokenizer: PreTrainedTokenizerBase, context: str, continuatio
     continuation is what follows the context's own token count, so merges at the boundary match free text.
     An empty context becomes the BOS (else EOS) token so the first continuation token has a condition.
     """
-    stripped = context.rstrip(" ")
+    stripped = context.rstrip()
     continuation = context[len(stripped) :] + continuation
     whole = tokenizer(stripped + continuation, add_special_tokens=False)["input_ids"]
     context_ids = tokenizer(stripped, add_special_tokens=False)["input_ids"] if stripped else []
