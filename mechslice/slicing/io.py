@@ -4,18 +4,25 @@ A folder is complete exactly when it holds `slicing.json`; it is written into a 
 the target and renamed into place, so an interrupted save leaves nothing that looks complete. A global-mode
 folder is an ordinary Hugging Face model of width d'; a per-layer folder adds the shortcut matrices as
 `model.layers.<i>.attn_shortcut` / `mlp_shortcut` tensors, which `load_sliced` installs.
+
+transformers 5 refuses to build (and to save) a Llama-family config whose hidden_size is not a multiple of
+num_attention_heads, although the model runs fine with an explicit head_dim. So the config is written directly
+and read back through a valid placeholder width; plain `from_pretrained` works when d' is such a multiple.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from safetensors.torch import save_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -39,7 +46,7 @@ def save_sliced(lm: LoadedModel, record: SlicingRecord, out: Path, overwrite: bo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        lm.model.save_pretrained(tmp)
+        _save_weights_and_config(lm, tmp)
         lm.tokenizer.save_pretrained(tmp)
         (tmp / RECORD).write_text(record.to_json())  # last: its presence marks a complete folder
         if out.exists():
@@ -55,6 +62,33 @@ def save_sliced(lm: LoadedModel, record: SlicingRecord, out: Path, overwrite: bo
     return out
 
 
+def _save_weights_and_config(lm: LoadedModel, folder: Path) -> None:
+    """model.safetensors (shortcuts included) and config.json, without the config's width validation."""
+    model, config = lm.model, lm.model.config
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config.to_json_file(str(folder / "config.json"), use_diff=True)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
+    if config.hidden_size % config.num_attention_heads:
+        warnings.warn(
+            f"d' = {config.hidden_size} is not a multiple of the {config.num_attention_heads} attention heads: "
+            "mechslice's load_model reads this folder, plain transformers `from_pretrained` refuses its config; "
+            "choose --round-to so that d' is such a multiple if you need the latter",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _read_config(path: Path) -> PretrainedConfig:
+    """The saved config, built at a valid placeholder width and then given the sliced width d'."""
+    values = json.loads((path / "config.json").read_text())
+    d_prime = values["hidden_size"]
+    values["hidden_size"] = values["num_attention_heads"] * values["head_dim"]
+    config = AutoConfig.for_model(**values)
+    config.hidden_size = d_prime
+    return config
+
+
 def _shortcut_tensors(path: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for file in sorted(path.glob("*.safetensors")):
@@ -63,14 +97,16 @@ def _shortcut_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _from_pretrained(path: Path, dtype: torch.dtype, quiet: bool) -> PreTrainedModel:
+def _from_pretrained(
+    path: Path, config: PretrainedConfig, dtype: torch.dtype, quiet: bool
+) -> PreTrainedModel:
     """The plain model; `quiet` hides the load report that lists the shortcut tensors as unexpected keys
     (they are installed right after; a plain `from_pretrained` of a per-layer folder does warn about them)."""
     verbosity = hf_logging.get_verbosity()
     if quiet:
         hf_logging.set_verbosity_error()
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -80,11 +116,11 @@ def load_sliced(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTra
     path = Path(path)
     try:
         record = SlicingRecord.from_json((path / RECORD).read_text())
-        config = AutoConfig.from_pretrained(path)
+        config = _read_config(path)
         adapter = adapter_for(config)
         shortcuts = _shortcut_tensors(path)
-        model = _from_pretrained(path, dtype, quiet=bool(shortcuts))
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = _from_pretrained(path, config, dtype, quiet=bool(shortcuts))
+        tokenizer = AutoTokenizer.from_pretrained(path, config=config)
     except (ValueError, OSError, KeyError, TypeError) as err:
         raise MechsliceError(f"could not load sliced model folder '{path}': {err}") from err
     if record.mode == "per-layer" and not shortcuts:
