@@ -27,7 +27,6 @@ from analyses.laws import (
     PAPER_DATASETS,
     PAPER_TABLE3,
     PPL,
-    EntropyPrediction,
     FitTable,
     _atomic_write,
     dense_record,
@@ -50,6 +49,7 @@ SHIFT_PANELS = (
     ("top1_agreement", "top-1 agreement"),
 )
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+S_COLOR_MAX = 0.6  # sparsities from here on share the lightest colour
 SIG_DIGITS = 4  # eigenvalues are rounded to this many significant digits in the page (a plot, not a dataset)
 
 CSS = """
@@ -124,11 +124,9 @@ def _sorted_records(results: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(results["records"], key=lambda r: r["effective_sparsity"])
 
 
-def _colors(records: Sequence[dict[str, Any]]) -> dict[int, str]:
-    """One colour per record (by position in sparsity order), the same in every figure."""
-    n = len(records)
-    shades = sample_colorscale("Viridis", [0.9 * i / max(n - 1, 1) for i in range(n)])
-    return {id(rec): c for rec, c in zip(records, shades, strict=True)}
+def _color(rec: dict[str, Any]) -> str:
+    """A colour fixed by the effective sparsity (dark for dense, light by S_COLOR_MAX), the same in every figure."""
+    return sample_colorscale("Viridis", [0.9 * min(rec["effective_sparsity"] / S_COLOR_MAX, 1.0)])[0]
 
 
 def _s_label(rec: dict[str, Any]) -> str:
@@ -211,7 +209,9 @@ def _prop3_summary(table: FitTable, task: str, results: dict[str, Any]) -> str:
     acc0, chance = table.acc0s.get(task), CHANCE.get(task)
     if acc0 is not None and chance is not None:
         text += f"acc0 = {acc0:.3f} against chance {chance:.2f}. "
-        if acc0 - chance < NEAR_CHANCE:
+        if acc0 <= chance:
+            text += "The dense model is already at or below chance, so this slope carries no signal. "
+        elif acc0 - chance < NEAR_CHANCE:
             text += (
                 f"That is close to chance: ln(acc/acc0) can fall by at most ln(chance/acc0) = "
                 f"{math.log(chance / acc0):+.3f} before the model is guessing, so this slope carries little signal. "
@@ -221,38 +221,26 @@ def _prop3_summary(table: FitTable, task: str, results: dict[str, Any]) -> str:
     return text.rstrip()
 
 
-def _sliced_predictions(preds: list[EntropyPrediction]) -> list[EntropyPrediction]:
-    return [p for p in preds if p.effective_sparsity > 0.0]
-
-
-def _literal_errors(results: dict[str, Any]) -> list[float]:
-    """Relative error of ln PPL = ln PPL0 / (1 - s), Prop. 2 read literally, at each sliced record."""
-    ppl0 = dense_record(results).get("ppl")
-    errors = []
-    for rec in results["records"]:
-        ppl, s = rec.get("ppl"), rec["effective_sparsity"]
-        if ppl0 and ppl0 > 1.0 and ppl and ppl > 1.0 and s > 0.0:
-            measured = math.log(ppl)
-            errors.append(abs(math.log(ppl0) / (1.0 - s) - measured) / measured)
-    return errors
-
-
 def _entropy_summary(results: dict[str, Any]) -> list[str]:
+    """Per estimator: how far ln PPL0 / (H'/H) lands from the measured ln PPL, beside ln PPL0 / (1 - s)."""
     lines = []
-    literal = _literal_errors(results)
     for estimator, preds in entropy_predictions(results).items():
-        sliced = _sliced_predictions(preds)
+        sliced = [p for p in preds if p.effective_sparsity > 0.0]
         if not sliced:
             continue
         abs_err = float(np.mean([p.abs_error for p in sliced]))
         rel_err = float(np.mean([p.rel_error for p in sliced]))
-        text = (
+        # ln PPL0 = predicted * ratio, so the literal law's prediction at the same points is that / (1 - s).
+        literal = [
+            abs(p.ln_ppl_predicted * p.ratio / (1.0 - p.effective_sparsity) - p.ln_ppl_measured)
+            / p.ln_ppl_measured
+            for p in sliced
+        ]
+        lines.append(
             f"From internals ({estimator} entropy): ln PPL = ln PPL0 / (H'/H) misses the measured ln PPL by "
-            f"{abs_err:.3f} nats on average ({rel_err:.1%}) over {len(sliced)} sparsities"
+            f"{abs_err:.3f} nats on average ({rel_err:.1%}) over {len(sliced)} sparsities; the same law with "
+            f"1 - s in place of H'/H misses by {float(np.mean(literal)):.1%}."
         )
-        if literal:
-            text += f"; the same law with 1 - s in place of H'/H misses by {float(np.mean(literal)):.1%}"
-        lines.append(text + ".")
     return lines
 
 
@@ -449,7 +437,6 @@ def _stats(records: Sequence[dict[str, Any]], estimator: str) -> list[dict[str, 
 def entropy_figures(records: Sequence[dict[str, Any]], estimator: str) -> tuple[go.Figure, go.Figure]:
     """Per-layer entropy H_l (one curve per sparsity, the dense one in black) and per-layer H'_l/H_l with its
     1 - s as a dashed line."""
-    colors = _colors(records)
     curves, ratios = go.Figure(), go.Figure()
     dense = next(
         (st["per_layer_dense"] for st in _stats(records, estimator) if st.get("per_layer_dense")), None
@@ -464,7 +451,7 @@ def entropy_figures(records: Sequence[dict[str, Any]], estimator: str) -> tuple[
         stats = (rec.get("entropy") or {}).get(estimator)
         if not stats:
             continue
-        color, label = colors[id(rec)], _s_label(rec)
+        color, label = _color(rec), _s_label(rec)
         if stats.get("per_layer"):
             h = stats["per_layer"]
             curves.add_trace(
@@ -646,6 +633,7 @@ def _read_spectra(directory: Path, rec: dict[str, Any]) -> list[dict[str, Any]]:
         and isinstance(x.get("name"), str)
         and isinstance(x.get("eigenvalues"), list)
         and x["eigenvalues"]
+        and all(isinstance(v, int | float) and math.isfinite(v) for v in x["eigenvalues"])
         for x in spectra
     )
     if not ok or not spectra:
@@ -657,24 +645,27 @@ def _round(values: np.ndarray) -> list[float]:
     return [float(f"{v:.{SIG_DIGITS}g}") for v in values]
 
 
+def _descending(eigenvalues: Sequence[float]) -> np.ndarray:
+    """Eigenvalues sorted descending, in float64, with negatives (round-off of a PSD matrix) set to 0."""
+    return np.sort(np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None))[::-1]
+
+
 def kept_fraction(eigenvalues: Sequence[float], d_prime: int) -> float:
     """Share of the second-moment mass in the top d' eigenvalues (negatives from round-off count as 0)."""
-    lam = np.sort(np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None))[::-1]
+    lam = _descending(eigenvalues)
     total = lam.sum()
     return float(lam[:d_prime].sum() / total) if total > 0 else math.nan
 
 
 def spectra_figures(
-    spectra: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]],
+    spectra: Sequence[tuple[dict[str, Any], list[dict[str, Any]]]],
 ) -> tuple[go.Figure, go.Figure]:
     """Kept share of eigenvalue mass per rotation (a curve per sparsity), and the full normalised spectra of
     every rotation with a menu to pick the sparsity; the dotted line marks d'."""
     kept = go.Figure()
     full = go.Figure()
-    records = [rec for rec, _ in spectra.values()]
-    colors = _colors(records)
     buttons, visible_sets = [], []
-    for rec, rotations in spectra.values():
+    for rec, rotations in spectra:
         label = _s_label(rec)
         kept.add_trace(
             go.Scatter(
@@ -682,7 +673,7 @@ def spectra_figures(
                 y=[kept_fraction(r["eigenvalues"], rec["d_prime"]) for r in rotations],
                 mode="lines+markers",
                 name=f"{label}, d'={rec['d_prime']}",
-                line=dict(color=colors[id(rec)]),
+                line=dict(color=_color(rec)),
             )
         )
         start = len(full.data)
@@ -690,7 +681,7 @@ def spectra_figures(
             "Viridis", [0.9 * i / max(len(rotations) - 1, 1) for i in range(len(rotations))]
         )
         for r, shade in zip(rotations, shades, strict=True):
-            lam = np.sort(np.clip(np.asarray(r["eigenvalues"], dtype=np.float64), 0.0, None))[::-1]
+            lam = _descending(r["eigenvalues"])
             share = lam / lam.sum() if lam.sum() > 0 else lam
             full.add_trace(
                 go.Scatter(
@@ -742,13 +733,13 @@ def _d_prime_line(d_prime: int) -> dict[str, Any]:
 
 def spectra_section(results: dict[str, Any], directory: Path, render: FigureRenderer) -> str:
     """Eigenvalue spectra of the PCA rotations, from each record's spectra file (absent files: a note)."""
-    spectra: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    spectra: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
     problems = []
     for rec in _sorted_records(results):
         if not rec.get("spectra_file"):
             continue
         try:
-            spectra[id(rec)] = (rec, _read_spectra(directory, rec))
+            spectra.append((rec, _read_spectra(directory, rec)))
         except MechsliceError as err:
             problems.append(_note(f"{err}; that sparsity is left out."))
     if not spectra:
@@ -784,7 +775,6 @@ def shift_figure(records: Sequence[dict[str, Any]]) -> go.Figure:
 
 def shift_bucket_figure(records: Sequence[dict[str, Any]]) -> go.Figure | None:
     """KL per position bucket, one curve per sparsity; None when no record has buckets."""
-    colors = _colors(records)
     fig = go.Figure()
     for rec in records:
         buckets = (rec.get("shift") or {}).get("buckets") or []
@@ -801,7 +791,7 @@ def shift_bucket_figure(records: Sequence[dict[str, Any]]) -> go.Figure | None:
                     y=[p[1] for p in pts],
                     mode="lines+markers",
                     name=_s_label(rec),
-                    line=dict(color=colors[id(rec)]),
+                    line=dict(color=_color(rec)),
                 )
             )
     if not fig.data:

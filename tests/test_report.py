@@ -260,8 +260,25 @@ def test_summary_reports_prop2_and_near_chance_task(tmp_path: Path) -> None:
     arc_c = next(line for line in text.splitlines() if line.startswith("ARC-c"))
     arc_e = next(line for line in text.splitlines() if line.startswith("ARC-e"))
     assert "close to chance" in arc_c and "close to chance" not in arc_e
-    assert "From internals (gaussian entropy)" in text
+    # The from-internals line: mean relative error of ln PPL0 / (H'/H), then of ln PPL0 / (1 - s), same points.
+    sliced = [r for r in results["records"] if r["effective_sparsity"] > 0]
+    ln_ppl = [math.log(r["ppl"]) for r in sliced]
+    ratio = [r["entropy"]["gaussian"]["ratio_mean"] for r in sliced]
+    one_minus_s = [1 - r["effective_sparsity"] for r in sliced]
+    ours = np.mean([abs(math.log(PPL0) / q - m) / m for q, m in zip(ratio, ln_ppl, strict=True)])
+    literal = np.mean([abs(math.log(PPL0) / q - m) / m for q, m in zip(one_minus_s, ln_ppl, strict=True)])
+    line = next(x for x in text.splitlines() if x.startswith("From internals (gaussian entropy)"))
+    assert f"({ours:.1%}) over 4 sparsities" in line and f"misses by {literal:.1%}." in line
     assert "quick profile" not in text
+
+
+def test_summary_below_chance_has_no_signal() -> None:
+    results = make_results()
+    for rec in results["records"]:
+        rec["tasks"]["arc_challenge"]["acc"] *= 0.8  # acc0 = 0.216 < chance 0.25
+    text = "\n".join(summary(results, fit_results(results), None))
+    arc_c = next(line for line in text.splitlines() if line.startswith("ARC-c"))
+    assert "already at or below chance" in arc_c and "close to chance" not in arc_c
 
 
 def test_summary_accepts_paper_line_when_it_fits() -> None:
