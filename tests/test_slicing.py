@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import Gemma2Config, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    Gemma2Config,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from mechslice.adapters import adapter_for
@@ -141,6 +149,38 @@ def test_slicer_shares_one_calibration(tokenizer):
     assert torch.allclose(logits(lm), before, atol=ATOL)  # handing out models leaves the source intact
     own = {id(p) for p in lm.model.parameters()}
     assert not any(id(p) in own for p in small.model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("config_class", "model_class"), [(Qwen2Config, Qwen2ForCausalLM), (Phi3Config, Phi3ForCausalLM)]
+)
+@pytest.mark.parametrize("rotation", ["per-layer", "global"])
+def test_other_families_rotate_invariantly_and_slice(tokenizer, config_class, model_class, rotation):
+    """The adapter seam: Qwen2 (biased Q/K/V) and Phi-3 (fused W_qkv, W_gate_up) go through the same code."""
+    config = config_class(
+        hidden_size=D,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    lm = LoadedModel(model, tokenizer, adapter_for(config), "random", "random")
+    before = logits(lm)
+    slice_model(lm, 0.0, CALIB, rotation=rotation, progress=False)
+    assert torch.allclose(logits(lm), before, atol=ATOL)
+    other = LoadedModel(model_class(config).eval(), tokenizer, adapter_for(config), "random", "random")
+    slice_model(other, 0.5, CALIB, rotation=rotation, progress=False)
+    assert other.model.config.hidden_size == 32 and torch.isfinite(logits(other)).all()
 
 
 def test_second_moments_merge_exactly_and_pca_is_sorted():
