@@ -154,7 +154,7 @@ def _basis(
     """The PCA basis of one signal, its spectrum stored under `key`; NaN/Inf in its sums name `signal`."""
     require_finite(stats.sum, signal)
     eigenvalues, q = pca(stats)
-    spectra[signal] = eigenvalues.tolist()
+    spectra[key] = eigenvalues.tolist()
     return q
 
 
