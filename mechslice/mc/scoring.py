@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from mechslice.errors import MechsliceError
 from mechslice.mc.tasks import MCItem, check_limit, items_from_documents, load_documents
+from mechslice.perplexity import sdpa_attention
 
 # A request as token ids: (context, continuation).
 Encoded = tuple[list[int], list[int]]
@@ -67,24 +67,6 @@ def encode_request(tokenizer: PreTrainedTokenizerBase, context: str, continuatio
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         context_ids = [start]
     return context_ids, continuation_ids
-
-
-@contextmanager
-def sdpa_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Run with SDPA attention, restoring the previous implementation after.
-
-    Building the TransformerBridge switches a model to eager attention, which is several times slower; the
-    logits are the same either way up to float rounding.
-    """
-    previous = model.config._attn_implementation
-    switch = previous == "eager" and hasattr(model, "set_attn_implementation")
-    if switch:
-        model.set_attn_implementation("sdpa")
-    try:
-        yield
-    finally:
-        if switch:
-            model.set_attn_implementation(previous)
 
 
 def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[Int[Tensor, "b pos"], Int[Tensor, "b pos"]]:
