@@ -1,0 +1,294 @@
+"""The sparsity sweep behind Figure 3 and Table 3: slice, evaluate, look inside, record, one sparsity at a time.
+
+Each finished sparsity is appended to `DIR/results.json` atomically, so an interrupted run loses nothing that
+finished and `resume=True` skips it. The dense model (s = 0, the original weights, not fused or rotated) is
+always the first record: every law is a ratio against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from analyses.entropy import layer_entropy_summary
+from analyses.laws import check_same_model, load_results
+from analyses.layer_entropy import check_estimators, residual_samples
+from analyses.shift import ShiftAccumulator
+from mechslice.atomic import atomic_write_json
+from mechslice.corpora import calibration_windows, corpus_tokens, eval_windows
+from mechslice.errors import MechsliceError
+from mechslice.loading import LoadedModel, load_model
+from mechslice.mc import TASKS, evaluate_mc
+from mechslice.perplexity import evaluate_perplexity, sdpa_attention
+from mechslice.slicing import Slicer, slice_model, sliced_width
+
+RESULTS = "results.json"
+PPL = "ppl"
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Everything that determines a sweep's numbers; a resumed sweep must use the same settings."""
+
+    sparsities: tuple[float, ...] = (0.0, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+    tasks: tuple[str, ...] = (PPL, "arc_easy", "arc_challenge", "winogrande", "piqa")
+    rotation: str = "per-layer"
+    path: str = "exact"  # "exact": calibrate each sparsity on its own sliced layers; "shared": calibrate once
+    round_to: int = 8
+    calib_corpus: str = "wiki"
+    calib_samples: int = 128
+    calib_seqlen: int = 2048
+    ppl_corpus: str = "wiki"
+    ppl_seqlen: int = 2048
+    ppl_max_tokens: int | None = None
+    mc_limit: int | None = None
+    estimators: tuple[str, ...] = ("gaussian", "marginal", "knn")
+    probe_tokens: int = 4096  # tokens of the test split on which entropy and output shift are measured
+    probe_seqlen: int = 512
+    batch_size: int = 4
+    mc_batch_size: int = 16
+    quick: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain dict (tuples as lists) for results.json."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+# The profile `make demo` runs: small calibration, few tokens and items, the shared-rotation path (one
+# calibration for all sparsities). It shows the whole pipeline in minutes; its numbers are not ones to quote.
+QUICK = SweepSettings(
+    path="shared",
+    calib_samples=16,
+    calib_seqlen=512,
+    ppl_seqlen=512,
+    ppl_max_tokens=8192,
+    mc_limit=40,
+    estimators=("gaussian", "marginal"),
+    probe_tokens=1024,
+    quick=True,
+)
+
+
+def settings_from(base: SweepSettings, **overrides: Any) -> SweepSettings:
+    """`base` with the non-None overrides applied, validated."""
+    known = {f.name for f in fields(SweepSettings)}
+    settings = replace(base, **{k: v for k, v in overrides.items() if v is not None and k in known})
+    check_settings(settings)
+    return settings
+
+
+def check_settings(settings: SweepSettings) -> None:
+    """Refuse sparsity lists and task names the sweep cannot run, with what to do instead."""
+    s = settings.sparsities
+    if not s:
+        raise MechsliceError("the sparsity list is empty; give e.g. --sparsities 0,0.1,0.2")
+    if any(not 0.0 <= x < 1.0 for x in s):
+        raise MechsliceError(f"sparsities must lie in [0, 1), got {list(s)}")
+    if list(s) != sorted(set(s)):
+        raise MechsliceError(f"sparsities must be strictly increasing without repeats, got {list(s)}")
+    unknown = [t for t in settings.tasks if t != PPL and t not in TASKS]
+    if unknown or not settings.tasks:
+        valid = ", ".join([PPL, *TASKS])
+        raise MechsliceError(f"unknown task(s) {unknown or '(none given)'}; choose from {valid}")
+    if settings.path not in ("exact", "shared"):
+        raise MechsliceError(f"unknown slicing path '{settings.path}'; use exact or shared")
+    check_estimators(settings.estimators)
+    if settings.probe_tokens < settings.probe_seqlen:
+        raise MechsliceError("--probe-tokens must cover at least one probe window of --probe-seqlen tokens")
+
+
+def model_fingerprint(lm: LoadedModel) -> str:
+    """A short hash of the config and the embedding weights: a results file belongs to one model."""
+    digest = hashlib.sha256(lm.model.config.to_json_string(use_diff=False).encode())
+    digest.update(lm.adapter.embeddings(lm.model).weight[:256].detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class _Probe:
+    """The fixed evaluation inputs shared by every sparsity."""
+
+    ppl_windows: Int[Tensor, "w seqlen"] | None
+    probe_windows: Int[Tensor, "p seqlen"]
+    calib: Int[Tensor, "n seqlen"]
+    dense_samples: dict[int, Tensor] | None = None  # E_out rows of the dense model, traced once
+
+
+def _probe(lm: LoadedModel, settings: SweepSettings) -> _Probe:
+    ppl_windows = None
+    if PPL in settings.tasks:
+        ids = corpus_tokens(lm.tokenizer, settings.ppl_corpus, "test")
+        ppl_windows = eval_windows(ids, settings.ppl_seqlen, settings.ppl_max_tokens)
+    probe_ids = corpus_tokens(lm.tokenizer, settings.ppl_corpus, "test")
+    probe = eval_windows(probe_ids, settings.probe_seqlen, settings.probe_tokens)
+    calib = calibration_windows(
+        lm.tokenizer, settings.calib_corpus, settings.calib_samples, settings.calib_seqlen, seed=42
+    )
+    return _Probe(ppl_windows, probe, calib)
+
+
+def _evaluate(
+    lm: LoadedModel, dense: LoadedModel, probe: _Probe, settings: SweepSettings, progress: bool
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Perplexity, task accuracies, residual entropy and output shift of one (sliced or dense) model."""
+    out: dict[str, Any] = {"tasks": {}}
+    seconds: dict[str, float] = {}
+    if probe.ppl_windows is not None:
+        result = evaluate_perplexity(lm.model, probe.ppl_windows, settings.batch_size, progress)
+        out["ppl"], out["ppl_tokens"], seconds[PPL] = result.ppl, result.tokens, result.seconds
+    for task in (t for t in settings.tasks if t != PPL):
+        mc = evaluate_mc(
+            lm.model, lm.tokenizer, task, settings.mc_limit, settings.mc_batch_size, progress=progress
+        )
+        out["tasks"][task] = {
+            "acc": mc.acc,
+            "acc_norm": mc.acc_norm,
+            "stderr": mc.acc_stderr,
+            "acc_norm_stderr": mc.acc_norm_stderr,
+            "n": mc.n,
+            "split": mc.split,
+        }
+        seconds[task] = mc.seconds
+    start = time.perf_counter()
+    out["entropy"] = residual_entropy(dense, lm, probe, settings.estimators)
+    seconds["entropy"] = time.perf_counter() - start
+    start = time.perf_counter()
+    out["shift"] = output_shift(dense, lm, probe.probe_windows)
+    seconds["shift"] = time.perf_counter() - start
+    return out, seconds
+
+
+def residual_entropy(
+    dense: LoadedModel, sliced: LoadedModel, probe: _Probe, estimators: tuple[str, ...]
+) -> dict[str, Any]:
+    """Per-layer entropy of the block outputs E_out, sliced against dense, per estimator (record layout)."""
+    rows = probe.probe_windows.numel()
+    if probe.dense_samples is None:
+        probe.dense_samples = residual_samples(dense, probe.probe_windows, rows)
+    summary = layer_entropy_summary(
+        probe.dense_samples, residual_samples(sliced, probe.probe_windows, rows), estimators
+    )
+    out: dict[str, Any] = {}
+    for name in estimators:
+        per = [layer.estimators[name] for layer in summary.layers]
+        ratios = [c.ratio for c in per]
+        out[name] = {
+            "per_layer_dense": [c.H_dense for c in per],
+            "per_layer": [c.H_sliced for c in per],
+            "ratio_per_layer": ratios,
+            "ratio_mean": sum(ratios) / len(ratios),
+            "same_sign": all(c.same_sign for c in per),
+            "kappa_mean": sum(c.kappa_sliced for c in per) / len(per),
+            "kappa_dense_mean": sum(c.kappa_dense for c in per) / len(per),
+        }
+    return out
+
+
+@torch.no_grad()
+def output_shift(dense: LoadedModel, sliced: LoadedModel, windows: Int[Tensor, "p seqlen"]) -> dict[str, Any]:
+    """KL, JS, predictive entropies, top-1 agreement and ln PPL of the sliced model against the dense one."""
+    acc = ShiftAccumulator()
+    with sdpa_attention(dense.model), sdpa_attention(sliced.model):
+        for window in windows:
+            ids = window[None].to(dense.device)
+            acc.update(
+                dense.model(ids).logits[:, :-1],
+                sliced.model(ids.to(sliced.device)).logits[:, :-1],
+                ids[:, 1:],
+            )
+    return acc.result().to_dict()
+
+
+def run_sweep(
+    settings: SweepSettings,
+    out_dir: Path,
+    model: str = "smollm2-135m",
+    device: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run (or resume) the sweep into `out_dir/results.json` and return the results document."""
+    check_settings(settings)
+    dense = load_model(model, device=device)
+    for s in settings.sparsities:
+        sliced_width(dense.dims.d, s, settings.round_to)  # refuse an s leaving d' < 1 before any work
+    fingerprint = model_fingerprint(dense)
+    results = _start(out_dir, settings, dense.name, fingerprint, resume)
+    done = {rec["sparsity"] for rec in results["records"]}
+    todo = [s for s in _with_dense(settings.sparsities) if s not in done]
+    if done:
+        log(f"resuming: {len(done)} sparsities already in {out_dir / RESULTS}, {len(todo)} to go")
+    probe = _probe(dense, settings)
+    slicer = None
+    for s in tqdm(todo, desc="sweep", unit="sparsity", disable=not progress):
+        start = time.perf_counter()
+        if s == 0.0:
+            lm, record = dense, {"effective_sparsity": 0.0, "d": dense.dims.d, "d_prime": dense.dims.d}
+        elif settings.path == "shared":
+            if slicer is None:
+                slicer = Slicer(
+                    load_model(model, device=device), probe.calib, settings.rotation, progress=progress
+                )
+            lm, rec = slicer.sliced(s, settings.round_to)
+            record = {"effective_sparsity": rec.effective_sparsity, "d": rec.d, "d_prime": rec.d_prime}
+        else:
+            lm = load_model(model, device=device)
+            rec = slice_model(lm, s, probe.calib, settings.rotation, settings.round_to, progress=progress)
+            record = {"effective_sparsity": rec.effective_sparsity, "d": rec.d, "d_prime": rec.d_prime}
+        sliced_at = time.perf_counter()
+        measured, seconds = _evaluate(lm, dense, probe, settings, progress)
+        seconds["slice"] = sliced_at - start
+        seconds["total"] = time.perf_counter() - start
+        results["records"].append({"sparsity": s, **record, **measured, "seconds": seconds})
+        results["records"].sort(key=lambda r: r["sparsity"])
+        atomic_write_json(out_dir / RESULTS, results)
+        log(_line(results["records"], s))
+        del lm
+    return results
+
+
+def _with_dense(sparsities: tuple[float, ...]) -> list[float]:
+    return sorted({0.0, *sparsities})
+
+
+def _start(
+    out_dir: Path, settings: SweepSettings, name: str, fingerprint: str, resume: bool
+) -> dict[str, Any]:
+    path = out_dir / RESULTS
+    if not path.exists():
+        return {
+            "model": name,
+            "model_fingerprint": fingerprint,
+            "settings": settings.to_json(),
+            "records": [],
+        }
+    if not resume:
+        raise MechsliceError(f"'{path}' exists; pass --resume to continue it or choose another --out")
+    results = load_results(out_dir)
+    check_same_model(results, name, fingerprint)
+    theirs, ours = results.get("settings", {}), settings.to_json()
+    differ = sorted(k for k in ours if theirs.get(k) != ours[k])
+    if differ:
+        raise MechsliceError(
+            f"'{path}' was made with other settings ({', '.join(differ)}); resume with the same ones"
+        )
+    return results
+
+
+def _line(records: list[dict[str, Any]], s: float) -> str:
+    rec = next(r for r in records if r["sparsity"] == s)
+    parts = [f"s={s:.2f} (effective {rec['effective_sparsity']:.3f}, d'={rec['d_prime']})"]
+    if rec.get("ppl") is not None:
+        parts.append(f"ppl {rec['ppl']:.2f}")
+    parts += [f"{t} {v['acc']:.3f}" for t, v in rec["tasks"].items()]
+    return "  ".join(parts)

@@ -1,0 +1,323 @@
+"""mechslice benchmarks: each figure is measured side by side with its baseline in the same run.
+
+Every measurement runs in a fresh child process so that its peak resident memory is its own. Sizes default to
+what two CPU cores finish in minutes; `--full` uses SliceGPT's default calibration (128 x 2048 tokens).
+Usage: python benchmarks/bench.py [--full] [--only NAME,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
+
+
+def _child(name: str, kwargs: dict[str, Any], queue: mp.Queue) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    result = CASES[name](**kwargs)
+    result["peak_rss_gb"] = _peak_rss_gb()
+    queue.put(result)
+
+
+def measure(name: str, **kwargs: Any) -> dict[str, Any]:
+    """Run one case in a fresh process; returns its figures and its peak RSS."""
+    ctx = mp.get_context("spawn")
+    queue: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(name, kwargs, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+# ---- cases (each runs in its own process) ----------------------------------------------------------------
+
+
+def _model() -> Any:
+    from mechslice.loading import load_model
+
+    return load_model(device="cpu")
+
+
+def case_load() -> dict[str, Any]:
+    from mechslice.loading import load_model
+
+    load_model(device="cpu")  # make sure the cache exists
+    start = time.perf_counter()
+    load_model(device="cpu")
+    return {"seconds": time.perf_counter() - start}
+
+
+def case_model_only() -> dict[str, Any]:
+    _model()
+    return {}
+
+
+def _ppl_windows(lm: Any, tokens: int, seqlen: int) -> Any:
+    from mechslice.corpora import corpus_tokens, eval_windows
+
+    return eval_windows(corpus_tokens(lm.tokenizer), seqlen, tokens)
+
+
+def case_ppl_mechslice(tokens: int, seqlen: int) -> dict[str, Any]:
+    from mechslice.perplexity import evaluate_perplexity
+
+    lm = _model()
+    r = evaluate_perplexity(lm.model, _ppl_windows(lm, tokens, seqlen), batch_size=4, progress=False)
+    return {"tokens_per_s": r.tokens_per_s, "ppl": r.ppl}
+
+
+def case_ppl_plain(tokens: int, seqlen: int) -> dict[str, Any]:
+    import torch
+
+    lm = _model()
+    windows = _ppl_windows(lm, tokens, seqlen)
+    start, total, count = time.perf_counter(), 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(windows), 4):
+            batch = windows[i : i + 4]
+            n = batch[:, 1:].numel()
+            total += lm.model(batch, labels=batch).loss.item() * n
+            count += n
+    return {
+        "tokens_per_s": count / (time.perf_counter() - start),
+        "ppl": float(torch.tensor(total / count).exp()),
+    }
+
+
+def _calib(lm: Any, samples: int, seqlen: int) -> Any:
+    from mechslice.corpora import calibration_windows
+
+    return calibration_windows(lm.tokenizer, "wiki", samples, seqlen, seed=42)
+
+
+def case_forward(samples: int, seqlen: int) -> dict[str, Any]:
+    import torch
+
+    lm = _model()
+    calib = _calib(lm, samples, seqlen)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(calib), 8):
+            lm.model.model(calib[i : i + 8])
+    return {"seconds": time.perf_counter() - start}
+
+
+def case_slice(samples: int, seqlen: int, rotation: str) -> dict[str, Any]:
+    from mechslice.slicing import slice_model
+
+    lm = _model()
+    calib = _calib(lm, samples, seqlen)
+    start = time.perf_counter()
+    slice_model(lm, 0.25, calib, rotation=rotation, progress=False)
+    return {"seconds": time.perf_counter() - start}
+
+
+def case_many_exact(samples: int, seqlen: int, sparsities: list[float]) -> dict[str, Any]:
+    from mechslice.slicing import slice_model
+
+    start = time.perf_counter()
+    for s in sparsities:
+        lm = _model()
+        slice_model(lm, s, _calib(lm, samples, seqlen), progress=False)
+    return {"seconds": time.perf_counter() - start}
+
+
+def case_many_shared(samples: int, seqlen: int, sparsities: list[float]) -> dict[str, Any]:
+    from mechslice.slicing import Slicer
+
+    lm = _model()
+    start = time.perf_counter()
+    slicer = Slicer(lm, _calib(lm, samples, seqlen), progress=False)
+    for s in sparsities:
+        slicer.sliced(s)
+    return {"seconds": time.perf_counter() - start}
+
+
+def case_trace(tokens: int) -> dict[str, Any]:
+    from hooks.flow import trace_tokens
+    from mechslice.corpora import corpus_tokens
+
+    lm = _model()
+    ids = corpus_tokens(lm.tokenizer)
+    bridge = lm.bridge
+    start = time.perf_counter()
+    trace_tokens(bridge, ids, tokens, seqlen=512)
+    return {"seconds": time.perf_counter() - start}
+
+
+def case_bridge_forward(tokens: int) -> dict[str, Any]:
+    import torch
+
+    from mechslice.corpora import corpus_tokens
+
+    lm = _model()
+    ids = corpus_tokens(lm.tokenizer)[:tokens].view(-1, 512)
+    bridge = lm.bridge
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(ids), 4):
+            bridge(ids[i : i + 4])
+    return {"seconds": time.perf_counter() - start}
+
+
+def case_mc(items: int, batched: bool) -> dict[str, Any]:
+    import torch
+
+    from mechslice.mc import evaluate_mc
+    from mechslice.mc.scoring import encode_request
+    from mechslice.mc.tasks import load_task
+
+    lm = _model()
+    if batched:
+        r = evaluate_mc(lm.model, lm.tokenizer, "arc_easy", limit=items, progress=False)
+        return {"items_per_s": r.items_per_s, "acc": r.acc}
+    task_items = load_task("arc_easy", limit=items)
+    start, hits = time.perf_counter(), 0
+    with torch.no_grad():
+        for item in task_items:
+            scores = []
+            for context, continuation in item.requests():
+                ctx, cont = encode_request(lm.tokenizer, context, continuation)
+                ids = torch.tensor([ctx + cont])
+                logp = torch.log_softmax(lm.model(ids).logits[0, len(ctx) - 1 : -1].float(), -1)
+                scores.append(logp.gather(-1, torch.tensor(cont)[:, None]).sum().item())
+            hits += int(max(range(len(scores)), key=scores.__getitem__) == item.gold)
+    return {"items_per_s": len(task_items) / (time.perf_counter() - start), "acc": hits / len(task_items)}
+
+
+def case_sweep(sparsities: list[float]) -> dict[str, Any]:
+    import tempfile
+    from pathlib import Path
+
+    from analyses.sweep import QUICK, run_sweep, settings_from
+
+    settings = settings_from(QUICK, sparsities=tuple(sparsities))
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run_sweep(settings, Path(tmp), progress=False, log=lambda _: None)
+    totals = [r["seconds"]["total"] for r in results["records"]]
+    return {"seconds_per_sparsity": totals}
+
+
+CASES: dict[str, Callable[..., dict[str, Any]]] = {
+    name[len("case_") :]: fn for name, fn in globals().items() if name.startswith("case_")
+}
+
+
+# ---- sections (each prints its figures side by side) -------------------------------------------------------
+
+
+def section_load(full: bool) -> dict[str, Any]:
+    r = measure("load")
+    print(f"load (cached float copy): {r['seconds']:.2f} s (target < 2 s)")
+    return r
+
+
+def section_ppl(full: bool) -> dict[str, Any]:
+    kw = {"tokens": 16384 if full else 8192, "seqlen": 2048}
+    ours, plain = measure("ppl_mechslice", **kw), measure("ppl_plain", **kw)
+    ratio = ours["tokens_per_s"] / plain["tokens_per_s"]
+    print(
+        f"perplexity throughput: mechslice {ours['tokens_per_s']:.0f} tok/s vs plain transformers "
+        f"{plain['tokens_per_s']:.0f} tok/s -> {ratio:.2f}x (target >= 0.95x); ppl {ours['ppl']:.3f} vs {plain['ppl']:.3f}"
+    )
+    return {"ours": ours, "plain": plain, "ratio": ratio}
+
+
+def section_slice(full: bool) -> dict[str, Any]:
+    kw = {"samples": 128, "seqlen": 2048} if full else {"samples": 16, "seqlen": 1024}
+    base = measure("model_only")
+    fwd = measure("forward", **kw)
+    out: dict[str, Any] = {"calibration": kw, "forward": fwd, "model_rss_gb": base["peak_rss_gb"]}
+    for rotation in ("per-layer", "global"):
+        r = measure("slice", rotation=rotation, **kw)
+        out[rotation] = r
+        print(
+            f"slicing {rotation} at {kw['samples']}x{kw['seqlen']}: {r['seconds']:.1f} s vs one plain forward "
+            f"{fwd['seconds']:.1f} s -> {r['seconds'] / fwd['seconds']:.2f}x (target < 1.5x); peak RSS "
+            f"{r['peak_rss_gb']:.2f} GB (model alone {base['peak_rss_gb']:.2f} GB; target < 3 GB at 128x2048)"
+        )
+    sparsities = [0.1, 0.2, 0.3, 0.4]
+    small = {"samples": 8, "seqlen": 512}
+    exact = measure("many_exact", sparsities=sparsities, **small)
+    shared = measure("many_shared", sparsities=sparsities, **small)
+    print(
+        f"{len(sparsities)} sparsities at {small['samples']}x{small['seqlen']}: shared rotation "
+        f"{shared['seconds']:.1f} s vs exact per sparsity {exact['seconds']:.1f} s -> "
+        f"{exact['seconds'] / shared['seconds']:.2f}x faster"
+    )
+    out.update(many_exact=exact, many_shared=shared)
+    return out
+
+
+def section_trace(full: bool) -> dict[str, Any]:
+    tokens = 8192
+    base, fwd, tr = (
+        measure("model_only"),
+        measure("bridge_forward", tokens=tokens),
+        measure("trace", tokens=tokens),
+    )
+    print(
+        f"tracing {tokens} tokens (all stages, all layers): {tr['seconds']:.1f} s vs a plain bridge forward "
+        f"{fwd['seconds']:.1f} s -> {tr['seconds'] / fwd['seconds']:.2f}x; peak RSS {tr['peak_rss_gb']:.2f} GB, "
+        f"{tr['peak_rss_gb'] - base['peak_rss_gb']:.2f} GB above the model alone (target < 2 GB)"
+    )
+    return {"forward": fwd, "trace": tr, "model_rss_gb": base["peak_rss_gb"]}
+
+
+def section_mc(full: bool) -> dict[str, Any]:
+    batched, plain = measure("mc", items=50, batched=True), measure("mc", items=50, batched=False)
+    print(
+        f"multiple choice (50 ARC-Easy items): batched {batched['items_per_s']:.2f} items/s vs unbatched loop "
+        f"{plain['items_per_s']:.2f} items/s -> {batched['items_per_s'] / plain['items_per_s']:.2f}x; "
+        f"acc {batched['acc']:.3f} vs {plain['acc']:.3f}"
+    )
+    return {"batched": batched, "plain": plain}
+
+
+def section_sweep(full: bool) -> dict[str, Any]:
+    r = measure("sweep", sparsities=[0.0, 0.2, 0.4])
+    per = ", ".join(f"{s:.0f} s" for s in r["seconds_per_sparsity"])
+    print(f"quick sweep wall time per sparsity (s = 0, 0.2, 0.4): {per}")
+    return r
+
+
+SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
+    name[len("section_") :]: fn for name, fn in globals().items() if name.startswith("section_")
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="SliceGPT's default calibration (slow: ~1 h)")
+    parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--json", default=None, help="also write all figures to this JSON file")
+    args = parser.parse_args()
+    chosen = args.only.split(",") if args.only else list(SECTIONS)
+    unknown = [c for c in chosen if c not in SECTIONS]
+    if unknown:
+        print(f"error: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    figures = {name: SECTIONS[name](args.full) for name in chosen}
+    if args.json:
+        from mechslice.atomic import atomic_write_json
+
+        atomic_write_json(args.json, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

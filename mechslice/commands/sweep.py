@@ -1,0 +1,87 @@
+"""`mechslice sweep`: slice at each sparsity, evaluate, fit the laws and write the report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from mechslice.commands._common import add_model_args, emit
+from mechslice.errors import MechsliceError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `sweep` subcommand."""
+    p = sub.add_parser("sweep", help="sparsity sweep: slice, evaluate, fit the laws, write the report")
+    add_model_args(p)
+    p.add_argument("--sparsities", type=_floats, default=None, help="e.g. 0,0.1,0.15,0.2,0.25,0.3,0.4,0.5")
+    p.add_argument("--tasks", type=_names, default=None, help="ppl,arc_easy,arc_challenge,winogrande,piqa")
+    p.add_argument("--rotation", choices=["per-layer", "global"], default=None)
+    p.add_argument("--shared", action="store_true", help="calibrate once and slice every sparsity from it")
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="results folder (default runs/sweep)")
+    p.add_argument("--resume", action="store_true", help="continue a sweep, skipping finished sparsities")
+    p.add_argument(
+        "--quick", action="store_true", help="the small demo profile (minutes, not a result to quote)"
+    )
+    p.add_argument("--calib-corpus", default=None)
+    p.add_argument("--calib-samples", type=int, default=None)
+    p.add_argument("--calib-seqlen", type=int, default=None)
+    p.add_argument("--corpus", dest="ppl_corpus", default=None, help="perplexity corpus (default wiki)")
+    p.add_argument("--seqlen", dest="ppl_seqlen", type=int, default=None)
+    p.add_argument("--max-tokens", dest="ppl_max_tokens", type=int, default=None)
+    p.add_argument("--mc-limit", type=int, default=None, help="first N items of each task (default all)")
+    p.add_argument(
+        "--estimators", type=_names, default=None, help="entropy estimators: gaussian,marginal,knn"
+    )
+    p.add_argument("--probe-tokens", type=int, default=None, help="tokens for entropy and output shift")
+    p.add_argument("--no-report", action="store_true", help="skip fits.json/fits.csv and report.html")
+    p.set_defaults(func=run)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: '{text}'") from err
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run or resume the sweep, then fit and report."""
+    from analyses.sweep import QUICK, SweepSettings, run_sweep, settings_from
+
+    overrides = {k: getattr(args, k) for k in vars(args)}
+    if args.shared:
+        overrides["path"] = "shared"
+    settings = settings_from(QUICK if args.quick else SweepSettings(), **overrides)
+    results = run_sweep(settings, args.out, args.model, args.device, args.resume, progress=not args.json)
+    payload: dict[str, Any] = {"out": str(args.out), "records": len(results["records"])}
+    if not args.no_report:
+        payload.update(_fit_and_report(args.out))
+    emit(args, payload, _text)
+    return 0
+
+
+def _fit_and_report(out: Path) -> dict[str, Any]:
+    from analyses.laws import fit_results, load_results, write_fits
+    from analyses.report import build_report
+
+    try:
+        fits_json, fits_csv = write_fits(fit_results(load_results(out)), out)
+    except MechsliceError as err:  # e.g. a single sparsity: nothing to fit, the records still stand
+        return {"fits": None, "fits_error": str(err), "report": str(build_report(out))}
+    return {"fits": str(fits_json), "fits_csv": str(fits_csv), "report": str(build_report(out))}
+
+
+def _text(p: dict[str, Any]) -> str:
+    lines = [f"{p['records']} sparsities in {p['out']}/results.json"]
+    if p.get("fits"):
+        lines.append(f"fits: {p['fits']} and {p['fits_csv']}")
+    elif "fits_error" in p:
+        lines.append(f"no fit: {p['fits_error']}")
+    if p.get("report"):
+        lines.append(f"report: {p['report']}")
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""The sweep: records per sparsity, atomic results, resume that recomputes nothing finished, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from analyses.sweep import QUICK, RESULTS, SweepSettings, run_sweep, settings_from
+from mechslice.cli import main
+from mechslice.corpora import load_corpus
+from mechslice.errors import MechsliceError
+from mechslice.loading import load_model
+from tests.conftest import tiny_llama_config
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded random tiny Llama saved with the embedded tokenizer (so real text tokenizes)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenizer = load_model(device="cpu").tokenizer
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Real Wikipedia text in a file: train and test paragraphs for calibration and perplexity."""
+    path = tmp_path_factory.mktemp("corpus") / "wiki.txt"
+    path.write_text(load_corpus("wiki", "test")[:60_000], encoding="utf-8")
+    return f"text:{path}"
+
+
+def _settings(corpus: str, **kw: object) -> SweepSettings:
+    base = dict(
+        sparsities=(0.0, 0.25, 0.5),
+        tasks=("ppl",),
+        calib_corpus=corpus,
+        calib_samples=4,
+        calib_seqlen=64,
+        ppl_corpus=corpus,
+        ppl_seqlen=64,
+        ppl_max_tokens=256,
+        estimators=("gaussian",),
+        probe_tokens=128,
+        probe_seqlen=64,
+    )
+    return settings_from(QUICK, **{**base, **kw})
+
+
+def test_sweep_records_and_resume(tiny_folder: Path, corpus: str, tmp_path: Path) -> None:
+    settings = _settings(corpus)
+    results = run_sweep(settings, tmp_path, str(tiny_folder), "cpu", progress=False, log=lambda _: None)
+    records = results["records"]
+    assert [r["sparsity"] for r in records] == [0.0, 0.25, 0.5]
+    assert [r["d_prime"] for r in records] == [64, 48, 32]
+    assert records[0]["effective_sparsity"] == 0.0 and records[0]["shift"]["overall"]["kl"] == pytest.approx(
+        0
+    )
+    assert records[2]["shift"]["overall"]["kl"] > 0
+    assert all(len(r["entropy"]["gaussian"]["ratio_per_layer"]) == 2 for r in records)
+    on_disk = json.loads((tmp_path / RESULTS).read_text())
+    assert on_disk["records"] == records
+
+    # An interrupted run: the last sparsity never finished. Resuming recomputes only that one.
+    on_disk["records"] = records[:2]
+    (tmp_path / RESULTS).write_text(json.dumps(on_disk))
+    messages: list[str] = []
+    resumed = run_sweep(
+        settings, tmp_path, str(tiny_folder), "cpu", resume=True, progress=False, log=messages.append
+    )
+    assert resumed["records"][:2] == records[:2]  # finished records untouched, timings included
+    assert resumed["records"][2]["sparsity"] == 0.5
+    assert "2 sparsities already" in messages[0]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    with pytest.raises(MechsliceError, match="pass --resume"):
+        run_sweep(settings, tmp_path, str(tiny_folder), "cpu", progress=False, log=lambda _: None)
+    with pytest.raises(MechsliceError, match="other settings"):
+        run_sweep(
+            _settings(corpus, ppl_seqlen=32), tmp_path, str(tiny_folder), "cpu", resume=True, progress=False
+        )
+
+
+def test_resume_refuses_another_model(tiny_folder: Path, corpus: str, tmp_path: Path) -> None:
+    settings = _settings(corpus, sparsities=(0.0,))
+    run_sweep(settings, tmp_path, str(tiny_folder), "cpu", progress=False, log=lambda _: None)
+    results = json.loads((tmp_path / RESULTS).read_text())
+    results["model_fingerprint"] = "0000000000000000"
+    (tmp_path / RESULTS).write_text(json.dumps(results))
+    with pytest.raises(MechsliceError, match="made with model"):
+        run_sweep(settings, tmp_path, str(tiny_folder), "cpu", resume=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"sparsities": ()}, "empty"),
+        ({"sparsities": (0.2, 0.1)}, "strictly increasing"),
+        ({"sparsities": (0.0, 1.0)}, r"lie in \[0, 1\)"),
+        ({"tasks": ("ppl", "no_such_task")}, "unknown task"),
+        ({"estimators": ("entropy-o-meter",)}, "unknown entropy estimator"),
+    ],
+)
+def test_bad_settings(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(MechsliceError, match=message):
+        settings_from(SweepSettings(), **overrides)
+
+
+def test_sweep_cli_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["sweep", "--sparsities", "0.3,0.1", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: sparsities must be strictly increasing")
+    assert main(["sweep", "--tasks", "ppl,nope", "--out", str(tmp_path)]) == 2
+    assert "unknown task" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_sweep_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The real model through the whole pipeline: slice, perplexity, a task, entropy, shift, fits, report."""
+    argv = ["sweep", "--quick", "--sparsities", "0,0.3", "--tasks", "ppl,arc_easy", "--mc-limit", "8"]
+    argv += [
+        "--max-tokens",
+        "1024",
+        "--calib-samples",
+        "4",
+        "--probe-tokens",
+        "512",
+        "--out",
+        str(tmp_path),
+        "--json",
+    ]
+    assert main(argv) == 0
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    records = json.loads((tmp_path / RESULTS).read_text())["records"]
+    assert records[1]["d_prime"] == 400 and records[1]["ppl"] > records[0]["ppl"] > 1
+    assert records[1]["tasks"]["arc_easy"]["n"] == 8
+    assert Path(payload["report"]).exists() and Path(payload["fits"]).exists()
