@@ -21,7 +21,7 @@ $(STAMP): requirements.txt requirements-data.txt pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m mechslice.cli sweep --quick --out runs/demo
+	$(PY) -m mechslice.cli sweep --quick --resume --out runs/demo
 	@echo "report: runs/demo/report.html"
 
 test: setup
