@@ -39,6 +39,7 @@ second-moment matrix for the stages named in `moments`; raw rows only for the st
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from transformers.activations import ACT2FN
 
 from hooks.stats import RunningMoments
 
@@ -91,6 +93,7 @@ STAGES: tuple[Stage, ...] = (
 )
 STAGE_BY_KEY: dict[str, Stage] = {s.key: s for s in STAGES}
 _PATTERN_HOOK = "attn.hook_pattern"
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 
 
 def rows(hook: str, x: Tensor) -> Tensor:
@@ -135,9 +138,25 @@ def resolve_stages(bridge: Any, names: Iterable[str] | None) -> tuple[Stage, ...
     return tuple(stages)
 
 
-def _activation(bridge: Any, layer: int) -> Callable[[Tensor], Tensor]:
-    """The MLP activation σ the block itself applies (the wrapped Hugging Face module's `act_fn`)."""
-    return bridge.blocks[layer].mlp.original_component.act_fn
+def pin_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """Make glibc serve every allocation over `nbytes` with mmap and return it to the OS on free.
+
+    By default glibc raises its mmap threshold each time a large block is freed, so the multi-MB activations
+    of one forward pass end up in the heap and fragment it: the peak RSS of a traced forward then grows with
+    the number of hooked layers (measured: 2.0 GB instead of 1.0 GB for ten fully traced SmolLM2 layers on
+    4x512 tokens). Pinning the threshold (process-wide, once) keeps tracing memory flat. No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, nbytes)
+
+
+def _activation(bridge: Any) -> Callable[[Tensor], Tensor]:
+    """The MLP activation σ the block applies: the one its config names (families differ in where the HF MLP
+    module keeps it, e.g. `act_fn` or `activation_fn`; the bridge config's name is the same for all)."""
+    return ACT2FN[bridge.cfg.act_fn]
 
 
 @dataclass
@@ -214,7 +233,7 @@ class FlowTracer:
         return pairs
 
     def _hook_fn(self, layer: int, stages: list[Stage]) -> Callable[..., None]:
-        act = _activation(self.bridge, layer) if any(s.derive == "act" for s in stages) else None
+        act = _activation(self.bridge) if any(s.derive == "act" for s in stages) else None
 
         def fn(x: Tensor, hook: Any) -> None:
             for stage in stages:
@@ -245,6 +264,7 @@ class FlowTracer:
         """Forward `windows` through the bridge in batches, hooks on; stop after the last traced block."""
         if windows.ndim != 2 or windows.numel() == 0:
             raise TraceError("no tokens to trace; give non-empty text or a corpus with tokens")
+        pin_mmap_threshold()
         stop = self.result.layers[-1] + 1
         device = next(self.bridge.parameters()).device
         with torch.no_grad(), ExitStack() as stack:
