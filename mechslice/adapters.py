@@ -81,6 +81,18 @@ class ArchAdapter:
             mlp_writer=getattr(mlp, self.mlp_writer),
         )
 
+    def attention_window(self, config: PretrainedConfig, layer: int) -> int | None:
+        """How many most recent keys (the query's own included) layer `layer` attends to; None: all before it.
+
+        Mistral and Phi-3 configs may set one `sliding_window` for every layer; Qwen2 names per layer whether
+        it slides (`layer_types`); Llama has no window. Read from the config exactly as the HF masks read it.
+        """
+        window = getattr(config, "sliding_window", None)
+        kinds = getattr(config, "layer_types", None)
+        if kinds is not None:
+            return window if kinds[layer] == "sliding_attention" else None
+        return window
+
     def dims(self, config: PretrainedConfig) -> Dims:
         """Table 1 sizes read off the config."""
         h_attn = config.num_attention_heads
