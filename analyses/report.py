@@ -116,6 +116,10 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) ->
     return f"<table><tr>{cells('th', head)}</tr>{body}</table>"
 
 
+def _count(n: int) -> str:
+    return f"{n} sparsity" if n == 1 else f"{n} sparsities"
+
+
 def _task_label(task: str) -> str:
     return PAPER_DATASETS.get(task, task)
 
@@ -134,7 +138,8 @@ def _s_label(rec: dict[str, Any]) -> str:
 
 
 def _line_xs(fit: LineFit) -> np.ndarray:
-    return np.linspace(0.0, max(fit.s_max, 0.05), 50)
+    """The two ends of a straight line drawn over the fitted sparsities."""
+    return np.array([0.0, max(fit.s_max, 0.05)])
 
 
 # ---------------------------------------------------------------- the plain-language summary
@@ -193,7 +198,10 @@ def _resolved(results: dict[str, Any], task: str, acc_key: str) -> bool | None:
 
 def _prop3_summary(table: FitTable, task: str, results: dict[str, Any]) -> str:
     f = table.row(task).fit
-    text = f"{_task_label(task)}: a = {f.a:+.3f} {_ci(f.a_ci)}, b = {f.b:+.3f}, RMSE {f.rmse:.3f}, R² {_fmt(f.r2)}"
+    interval = "" if f.a_ci is None else f" {_ci(f.a_ci)}"
+    text = (
+        f"{_task_label(task)}: a = {f.a:+.3f}{interval}, b = {f.b:+.3f}, RMSE {f.rmse:.3f}, R² {_fmt(f.r2)}"
+    )
     paper = PAPER_TABLE3.get(task, {})
     if paper:
         text += " (Table 3: " + ", ".join(f"{PAPER_SHORT[m]} a = {p.a:+.2f}" for m, p in paper.items()) + ")"
@@ -238,7 +246,7 @@ def _entropy_summary(results: dict[str, Any]) -> list[str]:
         ]
         lines.append(
             f"From internals ({estimator} entropy): ln PPL = ln PPL0 / (H'/H) misses the measured ln PPL by "
-            f"{abs_err:.3f} nats on average ({rel_err:.1%}) over {len(sliced)} sparsities; the same law with "
+            f"{abs_err:.3f} nats on average ({rel_err:.1%}) over {_count(len(sliced))}; the same law with "
             f"1 - s in place of H'/H misses by {float(np.mean(literal)):.1%}."
         )
     return lines
@@ -805,12 +813,20 @@ def shift_section(results: dict[str, Any], render: FigureRenderer) -> str:
     records = [r for r in _sorted_records(results) if _shift_overall(r) is not None]
     if not records:
         return _note("The sweep recorded no output-distribution shift.")
-    keys = ("kl", "js", "top1_agreement", "entropy_dense", "entropy_sliced")
+    columns = {
+        "kl": "KL",
+        "js": "JS",
+        "top1_agreement": "top-1 agreement",
+        "entropy_dense": "predictive entropy, dense",
+        "entropy_sliced": "predictive entropy, sliced",
+        "ln_ppl_ratio": "ln PPL0 / ln PPL (probe tokens)",
+    }
     rows = [
-        [f"{r['effective_sparsity']:.3f}", *(_fmt(_shift_overall(r).get(k), ".4g") for k in keys)]
+        [f"{r['effective_sparsity']:.3f}", f"{1.0 - r['effective_sparsity']:.3f}"]
+        + [_fmt(_shift_overall(r).get(k), ".4g") for k in columns]
         for r in records
     ]
-    parts = [render(shift_figure(records), height=400), _table(["s", *keys], rows)]
+    parts = [render(shift_figure(records), height=400), _table(["s", "1 - s", *columns.values()], rows)]
     buckets = shift_bucket_figure(records)
     if buckets is not None:
         parts.append(render(buckets))
@@ -932,7 +948,7 @@ def render_report(results: dict[str, Any], directory: Path, acc_key: str = "acc"
     parts = [
         f"<h1>{_esc(title)}</h1>",
         f'<p class="meta">model {_esc(results["model"])}, fingerprint {_esc(results.get("model_fingerprint", "–"))}; '
-        f"{len(results['records'])} sparsities; built from {_esc(directory.name)}/results.json</p>",
+        f"{_count(len(results['records']))}; built from {_esc(directory.name)}/results.json</p>",
     ]
     parts.append('<h2 id="summary">Summary</h2>')
     if quick:
