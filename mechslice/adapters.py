@@ -136,6 +136,7 @@ ADAPTERS: dict[str, ArchAdapter] = {
 _REFUSED = {
     "gemma2": "post-attention and post-feedforward norms sit inside the residual branch",
     "gemma3": "post-branch norms and QK-norm sit inside the residual branch",
+    "gemma3_text": "post-branch norms and QK-norm sit inside the residual branch",
     "mixtral": "mixture-of-experts blocks (one router and many MLPs per layer) are not covered",
     "qwen2_moe": "mixture-of-experts blocks are not covered",
     "olmo2": "post-branch norms and QK-norm sit inside the residual branch",
