@@ -42,6 +42,9 @@ PAPER_SHORT = {"Llama-3-8B-Instruct": "Llama-3", "Phi-3-mini-4k-Instruct": "Phi-
 CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "piqa": 0.5, "winogrande": 0.5}
 # acc0 closer than this to chance leaves ln(acc/acc0) little room to fall (at most ln(chance/acc0)).
 NEAR_CHANCE = 0.05
+# A slope interval wider than +-0.25 cannot tell the paper's two models apart (a = -1.08 and -0.90) nor either
+# from -1 by more than its own width, so the summary calls it inconclusive instead of "holds".
+DECISIVE_HALF_WIDTH = 0.25
 STDERR_KEYS = {"acc": "stderr", "acc_norm": "acc_norm_stderr"}
 SHIFT_PANELS = (
     ("kl", "KL(p0 || ps) (nats)"),
@@ -154,6 +157,11 @@ def _prop2_summary(table: FitTable) -> str:
     )
     if f.a_ci is None or f.b_ci is None:
         text += "With two points there are no confidence intervals, so the paper's line cannot be tested. "
+    elif (f.a_ci[1] - f.a_ci[0]) / 2 > DECISIVE_HALF_WIDTH:
+        text += (
+            f"Our 95% interval on a, {_ci(f.a_ci)}, is too wide to confirm or reject the paper's slope -1 "
+            "(more sparsities or more evaluation tokens would narrow it). "
+        )
     elif f.a_ci[0] <= -1.0 <= f.a_ci[1] and f.b_ci[0] <= 1.0 <= f.b_ci[1]:
         text += f"The paper's y = 1 - s lies inside our 95% intervals (a {_ci(f.a_ci)}, b {_ci(f.b_ci)}): Prop. 2 holds here. "
     else:
@@ -882,7 +890,9 @@ def raw_table_html(results: dict[str, Any]) -> str:
     ]
     rows = []
     for rec in records:
-        secs = [v for v in (rec.get("seconds") or {}).values() if isinstance(v, int | float)]
+        seconds = rec.get("seconds") or {}
+        parts = [v for v in seconds.values() if isinstance(v, int | float)]
+        secs = [seconds["total"]] if isinstance(seconds.get("total"), int | float) else parts
         cells = [_fmt(rec.get("sparsity")), f"{rec['effective_sparsity']:.4f}", _esc(rec.get("d", "–"))]
         cells += [
             _esc(rec.get("d_prime", "–")),

@@ -61,7 +61,7 @@ def make_results(
             "ppl": math.exp(math.log(PPL0) / (1.0 + PPL_SLOPE * s + noise)),
             "ppl_tokens": 4096,
             "tasks": tasks,
-            "seconds": {"slice": 1.5, "ppl": 2.0},
+            "seconds": {"slice": 1.5, "ppl": 2.0, "total": 731.0},
         }
         if extras:
             h_dense = 10.0 + np.arange(LAYERS, dtype=float)
@@ -182,6 +182,9 @@ def test_full_report_has_every_section_and_is_offline(tmp_path: Path) -> None:
     shift_html = rest.split('id="shift"')[1].split("<h2")[0]
     for s in (0.125, 0.25, 0.375, 0.5):
         assert f"<td>{2.0 * s:.4g}</td>" in shift_html
+    # The time per sparsity is the recorded total, not the total added to its parts.
+    raw_html = rest.split('id="raw"')[1]
+    assert raw_html.count("<td>731</td>") == 5 and "<td>734</td>" not in raw_html
 
 
 def test_report_contains_table3_numbers(tmp_path: Path) -> None:
@@ -290,6 +293,19 @@ def test_summary_accepts_paper_line_when_it_fits() -> None:
         rec["ppl"] = math.exp(math.log(PPL0) / (1.0 - s + (0 if s == 0 else rng.normal(0, 0.01))))
     text = "\n".join(summary(results, fit_results(results), None))
     assert "lies inside our 95% intervals" in text and "Prop. 2 holds here" in text
+
+
+def test_summary_calls_a_wide_interval_inconclusive() -> None:
+    # Three points, the middle one far off the line: the slope's interval spans several units.
+    results = make_results(nominal=(0.0, 0.25, 0.5))
+    mid = results["records"][1]
+    mid["ppl"] = math.exp(math.log(PPL0) / (1.0 - mid["effective_sparsity"] + 0.2))
+    table = fit_results(results)
+    lo, hi = table.row("ppl").fit.a_ci
+    assert (hi - lo) / 2 > 0.25
+    text = "\n".join(summary(results, table, None))
+    assert f"Our 95% interval on a, [{lo:+.3f}, {hi:+.3f}], is too wide" in text
+    assert "holds here" not in text and "does not hold" not in text
 
 
 def test_quick_note() -> None:
