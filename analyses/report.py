@@ -28,12 +28,12 @@ from analyses.laws import (
     PAPER_TABLE3,
     PPL,
     FitTable,
-    _atomic_write,
     dense_record,
     entropy_predictions,
     fit_results,
     load_results,
 )
+from mechslice.atomic import atomic_write_text
 from mechslice.errors import MechsliceError
 
 REPORT_FILE = "report.html"
@@ -971,15 +971,13 @@ def render_report(results: dict[str, Any], directory: Path, acc_key: str = "acc"
 
 
 def build_report(directory: str | Path, out: str | Path | None = None, acc_key: str = "acc") -> Path:
-    """Write the sweep's report (default `directory/report.html`) atomically from its results.json; the path."""
+    """Write the sweep's report (default `directory/report.html`, folders created) atomically from its
+    results.json; return its path."""
     if acc_key not in ACC_KEYS:
         raise MechsliceError(f"accuracy key {acc_key!r} is not one of {', '.join(ACC_KEYS)}")
     folder = Path(directory)
     results = load_results(folder)
     path = Path(out) if out is not None else folder / REPORT_FILE
-    if not path.parent.is_dir():
-        raise MechsliceError(
-            f"cannot write {path}: folder {path.parent} does not exist; create it or pick another --out"
-        )
-    _atomic_write(path, render_report(results, folder, acc_key))
-    return path
+    if path.is_dir():
+        raise MechsliceError(f"cannot write the report to {path}: it is a folder; give a file path to --out")
+    return atomic_write_text(path, render_report(results, folder, acc_key))

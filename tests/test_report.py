@@ -242,8 +242,10 @@ def test_atomic_write_to_custom_out_leaves_no_temp_files(tmp_path: Path) -> None
     assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert sorted(p.name for p in out_dir.iterdir()) == ["r.html"]
     assert not (folder / REPORT_FILE).exists()
-    with pytest.raises(MechsliceError, match="does not exist"):
-        build_report(folder, tmp_path / "nowhere" / "r.html")
+    assert build_report(folder, tmp_path / "new" / "r.html").is_file()  # a missing folder is created
+    with pytest.raises(MechsliceError, match="it is a folder"):
+        build_report(folder, out_dir)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["r.html"]
     with pytest.raises(MechsliceError, match="accuracy key"):
         build_report(folder, acc_key="f1")
 
