@@ -14,6 +14,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+CHUNK_ELEMENTS = 1 << 18  # float64 elements per block of rows in `update` (2 MiB)
+
 
 @dataclass
 class RunningMoments:
@@ -33,16 +35,19 @@ class RunningMoments:
         self.sum_xxT = torch.zeros(self.f, self.f, dtype=torch.float64) if self.with_second_moment else None
 
     def update(self, X: Float[Tensor, "n f"]) -> None:
-        """Add the rows of X (any device or float dtype; summed in float64 there, kept on the CPU)."""
+        """Add the rows of X (any device or float dtype), summed in float64 a bounded block of rows at a time."""
         if X.ndim != 2 or X.shape[1] != self.f:
             raise ValueError(f"expected rows of width {self.f}, got shape {tuple(X.shape)}")
-        X64 = X.detach().to(torch.float64)
-        self.n += X64.shape[0]
-        self.sum_x += X64.sum(0).cpu()
-        self.sum_x2 += X64.square().sum(0).cpu()
-        self.sum_norm += float(torch.linalg.vector_norm(X64, dim=1).sum())
-        if self.sum_xxT is not None:
-            self.sum_xxT += (X64.T @ X64).cpu()
+        # Float64 copies of a whole (tokens x width) activation would be large transient allocations, which
+        # fragment the CPU heap until peak memory grows with the batch; blocks of CHUNK_ELEMENTS keep it flat.
+        for block in X.detach().split(max(1, CHUNK_ELEMENTS // self.f)):
+            X64 = block.to(torch.float64)
+            self.n += X64.shape[0]
+            self.sum_x += X64.sum(0).cpu()
+            self.sum_x2 += X64.square().sum(0).cpu()
+            self.sum_norm += float(torch.linalg.vector_norm(X64, dim=1).sum())
+            if self.sum_xxT is not None:
+                self.sum_xxT += (X64.T @ X64).cpu()
 
     def __add__(self, other: RunningMoments) -> RunningMoments:
         """The accumulator over both token sets (sums add; the second moment only when both carry it)."""
