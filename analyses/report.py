@@ -913,10 +913,8 @@ def _law_sections(
 ) -> list[Section]:
     if table is None:
         missing = _note(f"No law could be fitted: {fit_error}")
-        return [
-            Section("fig3a", "Fig. 3a: perplexity law", missing),
-            Section("table3", "Table 3 analogue", missing),
-        ]
+        titles = {"fig3a": "Fig. 3a analogue", "fig3b": "Fig. 3b analogue", "table3": "Table 3 analogue"}
+        return [Section(anchor, title, missing) for anchor, title in titles.items()]
     fitted = {r.dataset for r in table.rows}
     fig3a = (
         render(figure_3a(table))
