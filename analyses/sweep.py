@@ -234,17 +234,21 @@ def run_sweep(
         start = time.perf_counter()
         if s == 0.0:
             lm, record = dense, {"effective_sparsity": 0.0, "d": dense.dims.d, "d_prime": dense.dims.d}
-        elif settings.path == "shared":
-            if slicer is None:
-                slicer = Slicer(
-                    load_model(model, device=device), probe.calib, settings.rotation, progress=progress
-                )
-            lm, rec = slicer.sliced(s, settings.round_to)
-            record = {"effective_sparsity": rec.effective_sparsity, "d": rec.d, "d_prime": rec.d_prime}
         else:
-            lm = load_model(model, device=device)
-            rec = slice_model(lm, s, probe.calib, settings.rotation, settings.round_to, progress=progress)
-            record = {"effective_sparsity": rec.effective_sparsity, "d": rec.d, "d_prime": rec.d_prime}
+            if settings.path == "shared":
+                if slicer is None:
+                    base = load_model(model, device=device)
+                    slicer = Slicer(base, probe.calib, settings.rotation, progress=progress)
+                lm, rec = slicer.sliced(s, settings.round_to)
+            else:
+                lm = load_model(model, device=device)
+                rec = slice_model(lm, s, probe.calib, settings.rotation, settings.round_to, progress=progress)
+            record = {
+                "effective_sparsity": rec.effective_sparsity,
+                "d": rec.d,
+                "d_prime": rec.d_prime,
+                "spectra_file": _write_spectra(out_dir, s, rec.spectra),
+            }
         sliced_at = time.perf_counter()
         measured, seconds = _evaluate(lm, dense, probe, settings, progress)
         seconds["slice"] = sliced_at - start
@@ -255,6 +259,16 @@ def run_sweep(
         log(_line(results["records"], s))
         del lm
     return results
+
+
+def _write_spectra(out_dir: Path, s: float, spectra: dict[str, list[float]]) -> str:
+    """The PCA eigenvalues of every rotation at sparsity s, in their own file (d numbers per rotation)."""
+    relative = f"spectra/s{s:.3f}.json"
+    rows = [
+        {"name": name, "eigenvalues": [float(f"{v:.6g}") for v in values]} for name, values in spectra.items()
+    ]
+    atomic_write_json(out_dir / relative, rows)
+    return relative
 
 
 def _with_dense(sparsities: tuple[float, ...]) -> list[float]:

@@ -64,6 +64,9 @@ def test_sweep_records_and_resume(tiny_folder: Path, corpus: str, tmp_path: Path
     )
     assert records[2]["shift"]["overall"]["kl"] > 0
     assert all(len(r["entropy"]["gaussian"]["ratio_per_layer"]) == 2 for r in records)
+    spectra = json.loads((tmp_path / records[1]["spectra_file"]).read_text())
+    assert {row["name"] for row in spectra} >= {"resid_pre.0", "resid_mid.1", "resid_final"}
+    assert all(len(row["eigenvalues"]) == 64 for row in spectra)
     on_disk = json.loads((tmp_path / RESULTS).read_text())
     assert on_disk["records"] == records
 
