@@ -46,7 +46,7 @@ VOCAB, D, WINDOW = 256, 64, 4
 # rotated with the wrong side or a missing shortcut moves them by O(0.1). The same for all four families.
 ATOL = 1e-4
 
-_SHAPE = dict(
+SHAPE = dict(
     hidden_size=D,
     intermediate_size=128,
     num_hidden_layers=2,
@@ -101,13 +101,18 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 def family_config(family: str) -> PretrainedConfig:
     """A fresh config (slicing edits the config in place)."""
     config_class, extra = FAMILIES[family]
-    return config_class(**_SHAPE, **extra)
+    return config_class(**SHAPE, **extra)
 
 
 def random_model(family: str, seed: int = 0) -> torch.nn.Module:
-    """The family's causal LM with randomised norm weights and biases (HF initialises them to 1 and 0)."""
+    """The family's causal LM with randomised norm weights and biases."""
+    return model_from(family_config(family), seed)
+
+
+def model_from(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
+    """A seeded random model; norm weights and biases (which HF initialises to 1 and 0) randomised too."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(family_config(family)).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
