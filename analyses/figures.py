@@ -1,0 +1,85 @@
+"""Plotly figures: per-layer entropy ratios for several sparsities, eigenvalue spectra, per-layer stage norms."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from jaxtyping import Float
+
+from analyses.layer_entropy import EntropySweep
+
+
+def entropy_curves(sweep: EntropySweep, estimator: str) -> go.Figure:
+    """H(E'_out)/H(E_out) per layer, one line per sparsity, each with its 1-s = d'/d as a dashed line."""
+    fig = go.Figure()
+    for result in sweep.results:
+        layers = [int(layer.layer) for layer in result.summary.layers]
+        ratios = [layer.estimators[estimator].ratio for layer in result.summary.layers]
+        name = f"s={result.sparsity:g}"
+        fig.add_trace(go.Scatter(x=layers, y=ratios, mode="lines+markers", name=name, legendgroup=name))
+        one_minus_s = result.summary.layers[0].one_minus_s
+        fig.add_trace(
+            go.Scatter(
+                x=[layers[0], layers[-1]],
+                y=[one_minus_s, one_minus_s],
+                mode="lines",
+                line={"dash": "dash"},
+                name=f"1-s={one_minus_s:.3f}",
+                legendgroup=name,
+            )
+        )
+    fig.update_layout(
+        title=f"Residual-stream entropy ratio per layer ({estimator} estimator, {sweep.rotation} slicing)",
+        xaxis_title="layer",
+        yaxis_title="H(E'_out) / H(E_out)",
+    )
+    return fig
+
+
+def eigenvalue_spectra(spectra: Mapping[int, Float[np.ndarray, " d"]], every: int = 1) -> go.Figure:
+    """Covariance eigenvalues of E_out (descending, log scale) against their index, one line per layer."""
+    fig = go.Figure()
+    for layer in sorted(spectra)[::every]:
+        lam = np.asarray(spectra[layer])
+        fig.add_trace(go.Scatter(x=np.arange(1, lam.size + 1), y=lam, mode="lines", name=f"layer {layer}"))
+    fig.update_layout(
+        title="Eigenvalue spectrum of the residual stream E_out per layer",
+        xaxis_title="index (descending)",
+        yaxis_title="eigenvalue",
+        yaxis_type="log",
+    )
+    return fig
+
+
+def stage_norms(table: Iterable[Mapping[str, Any]], stages: Iterable[str] | None = None) -> go.Figure:
+    """Mean L2 norm of each traced stage against the layer (rows of `FlowTrace.table()`), log scale."""
+    by_stage: dict[str, list[tuple[int, float]]] = {}
+    keep = None if stages is None else set(stages)
+    for row in table:
+        if keep is None or row["stage"] in keep:
+            by_stage.setdefault(row["stage"], []).append((row["layer"], row["mean_norm"]))
+    fig = go.Figure()
+    for stage, points in by_stage.items():
+        layers, norms = zip(*sorted(points), strict=True)
+        fig.add_trace(go.Scatter(x=layers, y=norms, mode="lines+markers", name=stage))
+    fig.update_layout(
+        title="Mean L2 norm per stage and layer",
+        xaxis_title="layer",
+        yaxis_title="mean |x|",
+        yaxis_type="log",
+    )
+    return fig
+
+
+def entropy_report_html(sweep: EntropySweep, path: Path) -> Path:
+    """One self-contained (offline) HTML file: entropy curves of every estimator and the eigenvalue spectra."""
+    estimators = list(sweep.results[0].summary.layers[0].estimators) if sweep.results else []
+    figures = [entropy_curves(sweep, e) for e in estimators] + [eigenvalue_spectra(sweep.spectra)]
+    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("<html><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    return path

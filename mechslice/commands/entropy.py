@@ -1,0 +1,107 @@
+"""`mechslice entropy`: per-layer residual-stream entropy, dense against sliced, next to 1-s."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from jaxtyping import Int
+from torch import Tensor
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from analyses.layer_entropy import check_estimators, entropy_sweep
+from mechslice.commands._common import add_model_args, emit, model_from_args
+from mechslice.commands.trace import add_token_args, token_windows
+from mechslice.corpora import calibration_windows
+from mechslice.errors import MechsliceError
+from mechslice.slicing import sliced_width
+from mechslice.slicing.slicer import ROTATIONS
+
+CALIBRATION_SEED = 42
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `entropy` subcommand."""
+    parser = sub.add_parser("entropy", help="per-layer residual-stream entropy of dense vs sliced models")
+    add_model_args(parser)
+    add_token_args(parser, default_max_tokens=4096)
+    add_calibration_args(parser)
+    parser.add_argument(
+        "--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3], help="default 0.1 0.2 0.3"
+    )
+    parser.add_argument(
+        "--estimators", nargs="+", default=["gaussian", "marginal", "knn"], help="gaussian, marginal, knn"
+    )
+    parser.add_argument("--samples", type=int, default=None, help="token rows per layer (default all traced)")
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="block indices (default all)")
+    parser.add_argument("--html", type=Path, default=None, help="write the figures to this HTML file")
+    parser.set_defaults(func=run)
+
+
+def add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    """--rotation, --calib-corpus, --calib-samples, --calib-seqlen: how the sliced models are calibrated."""
+    parser.add_argument("--rotation", choices=ROTATIONS, default="per-layer", help="default per-layer")
+    parser.add_argument(
+        "--calib-corpus", default="wiki", help="wiki, wikitext2:PATH or text:PATH (train split)"
+    )
+    parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+    parser.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
+
+
+def calibration_from_args(
+    tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace
+) -> Int[Tensor, "n seqlen"]:
+    """The seeded calibration windows named by --calib-corpus, --calib-samples, --calib-seqlen."""
+    return calibration_windows(
+        tokenizer, args.calib_corpus, args.calib_samples, args.calib_seqlen, CALIBRATION_SEED
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Slice at each sparsity, estimate per-layer entropies, print (and optionally plot) them."""
+    estimators = check_estimators(args.estimators)
+    lm = model_from_args(args)
+    for s in args.sparsities:
+        sliced_width(lm.dims.d, s)  # reject a bad sparsity before any work
+    windows = token_windows(lm.tokenizer, args)
+    samples = windows.numel() if args.samples is None else args.samples
+    if not 1 <= samples <= windows.numel():
+        raise MechsliceError(
+            f"--samples {samples} is not in 1..{windows.numel()}, the number of tokens traced; "
+            "ask for fewer samples or more --max-tokens"
+        )
+    calib = calibration_from_args(lm.tokenizer, args)
+    sweep = entropy_sweep(
+        lm, args.sparsities, calib, windows, estimators, args.rotation, samples, args.layers
+    )
+    payload = {"model": lm.name, **sweep.to_dict()}
+    if args.html is not None:
+        from analyses.figures import entropy_report_html
+
+        entropy_report_html(sweep, args.html)
+        payload["html"] = str(args.html)
+    emit(args, payload, _text)
+    return 0
+
+
+def _text(p: dict[str, Any]) -> str:
+    lines = [
+        f"{p['model']}: {p['rotation']} slicing, {p['samples']} samples per layer of {p['tokens']} tokens"
+    ]
+    for entry in p["sparsities"]:
+        lines.append(
+            f"s = {entry['sparsity']} (d' = {entry['d_prime']}): H(E'_out)/H(E_out) per layer, 1-s=d'/d"
+        )
+        for layer in entry["layers"]:
+            ratios = "  ".join(
+                f"{name} {_fmt(c['ratio'])}{'' if c['same_sign'] else '*'} (kappa {_fmt(c['kappa_dense'])})"
+                for name, c in layer["estimators"].items()
+            )
+            lines.append(f"  layer {layer['layer']:>3}  1-s {layer['one_minus_s']:.3f}  {ratios}")
+    lines.append("* H and H' differ in sign: the ratio does not read as a fraction of entropy kept")
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

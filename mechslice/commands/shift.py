@@ -1,0 +1,92 @@
+"""`mechslice shift`: output-distribution shift between the dense and a sliced model on the same tokens."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from analyses.shift import ShiftAccumulator, ShiftResult
+from mechslice.commands._common import add_model_args, emit, model_from_args
+from mechslice.commands.entropy import add_calibration_args, calibration_from_args
+from mechslice.commands.trace import add_token_args, token_windows
+from mechslice.errors import MechsliceError
+from mechslice.slicing import Slicer, sliced_width
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `shift` subcommand."""
+    parser = sub.add_parser("shift", help="KL, JS, entropy, top-1 agreement, ln PPL: dense vs sliced")
+    add_model_args(parser)
+    add_token_args(parser, default_max_tokens=4096)
+    add_calibration_args(parser)
+    parser.add_argument("--sparsity", type=float, required=True, help="fraction s of d to remove, in [0, 1)")
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    parser.set_defaults(func=run)
+
+
+@torch.no_grad()
+def output_shift_over(
+    dense: PreTrainedModel, sliced: PreTrainedModel, windows: Int[Tensor, "w seqlen"], batch_size: int = 1
+) -> ShiftResult:
+    """Stream both models over the same windows; logits at position t are scored against token t+1."""
+    acc = ShiftAccumulator()
+    device = next(dense.parameters()).device
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start : start + batch_size].to(device)
+        logits0 = dense(ids).logits[:, :-1]
+        logits_s = sliced(ids).logits[:, :-1]
+        acc.update(logits0, logits_s, targets=ids[:, 1:])
+    return acc.result()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Slice a copy of the model, compare the two output distributions, print (one JSON object with --json)."""
+    if args.batch_size < 1:
+        raise MechsliceError(f"--batch-size {args.batch_size} must be at least 1")
+    lm = model_from_args(args)
+    sliced_width(lm.dims.d, args.sparsity)  # reject a bad sparsity before calibrating
+    windows = token_windows(lm.tokenizer, args)
+    if windows.shape[1] < 2:
+        raise MechsliceError("need at least 2 tokens: each prediction is scored against the next token")
+    calib = calibration_from_args(lm.tokenizer, args)
+    sliced, record = Slicer(lm, calib, args.rotation, progress=False).sliced(args.sparsity)
+    result = output_shift_over(lm.model, sliced.model, windows, args.batch_size)
+    payload = {
+        "model": lm.name,
+        "rotation": args.rotation,
+        "sparsity": args.sparsity,
+        "effective_sparsity": record.effective_sparsity,
+        "d_prime": record.d_prime,
+        "tokens": windows.numel(),
+        **result.to_dict(),
+    }
+    emit(args, payload, _text)
+    return 0
+
+
+def _row(label: str, s: dict[str, Any]) -> str:
+    if not s["tokens"]:
+        return f"  {label:<12} (no tokens)"
+    return (
+        f"  {label:<12} {s['tokens']:>7} {s['kl']:>8.4f} {s['js']:>8.4f} {s['entropy_dense']:>8.3f} "
+        f"{s['entropy_sliced']:>8.3f} {s['top1_agreement']:>7.3f} {s['ln_ppl_dense']:>8.4f} {s['ln_ppl_sliced']:>8.4f}"
+    )
+
+
+def _text(p: dict[str, Any]) -> str:
+    lines = [
+        f"{p['model']}: dense vs {p['rotation']} slice at s={p['sparsity']} (d'={p['d_prime']}, effective "
+        f"{p['effective_sparsity']:.4f}); ln PPL0/ln PPL = {p['overall']['ln_ppl_ratio']:.4f} vs 1-s",
+        f"  {'positions':<12} {'tokens':>7} {'KL':>8} {'JS':>8} {'H dense':>8} {'H slice':>8} {'top-1':>7} "
+        f"{'lnPPL0':>8} {'lnPPL':>8}",
+        _row("all", p["overall"]),
+    ]
+    for b in p["buckets"]:
+        label = f"[{b['lo']},{'' if b['hi'] is None else b['hi']})"
+        lines.append(_row(label, b["stats"]))
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""`mechslice trace`: the Appendix A.1 activation flow per layer as streaming statistics, plus conformance."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+from typing import Any
+
+from jaxtyping import Int
+from torch import Tensor
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from analyses.conformance import check_conformance
+from hooks.flow import TraceError, trace
+from mechslice.commands._common import add_model_args, emit, model_from_args
+from mechslice.corpora import corpus_tokens, eval_windows
+from mechslice.errors import MechsliceError
+
+CONFORMANCE_TOKENS = 128  # conformance recomputes every stage in float64: run it on one short window
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `trace` subcommand."""
+    parser = sub.add_parser(
+        "trace", help="per-layer activation-flow statistics (Appendix A.1) and conformance"
+    )
+    add_model_args(parser)
+    add_token_args(parser, default_max_tokens=2048)
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="block indices (default all)")
+    parser.add_argument(
+        "--stages", nargs="+", default=None, help="stage keys (E_in, Q, W_a, ...) or block hook names"
+    )
+    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    parser.add_argument("--no-conformance", action="store_true", help="skip the Eqs. (4)-(8) recomputation")
+    parser.set_defaults(func=run)
+
+
+def add_token_args(parser: argparse.ArgumentParser, default_max_tokens: int) -> None:
+    """--text, or --corpus/--split with --max-tokens, in windows of --seqlen."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text", default=None, help="trace this text (one sequence)")
+    source.add_argument("--corpus", default="wiki", help="wiki, wikitext2:PATH or text:PATH (default wiki)")
+    parser.add_argument("--split", default="test", choices=["test", "train"])
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=default_max_tokens,
+        help=f"corpus tokens (default {default_max_tokens})",
+    )
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per corpus window (default 512)")
+
+
+def token_windows(tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace) -> Int[Tensor, "w seqlen"]:
+    """The tokens to trace: the --text as one sequence, or the first --max-tokens corpus tokens in windows."""
+    if args.text is not None:
+        ids = tokenizer(args.text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if ids.numel() == 0:
+            raise MechsliceError("--text is empty (no tokens); give some text or use --corpus")
+        return ids
+    ids = corpus_tokens(tokenizer, args.corpus, args.split)
+    if args.max_tokens > ids.numel():
+        raise MechsliceError(
+            f"--max-tokens {args.max_tokens} is more than the {ids.numel()} tokens of {args.corpus}/{args.split}"
+        )
+    return eval_windows(ids, args.seqlen, args.max_tokens)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(args: argparse.Namespace) -> int:
+    """Trace, check conformance, print the table (one JSON object with --json)."""
+    lm = model_from_args(args)
+    windows = token_windows(lm.tokenizer, args)
+    rss_model = peak_rss_mb()
+    try:
+        result = trace(lm.bridge, windows, stages=args.stages, layers=args.layers, batch_size=args.batch_size)
+    except TraceError as err:
+        raise MechsliceError(str(err)) from err
+    payload: dict[str, Any] = {
+        "model": lm.name,
+        "tokens": result.tokens,
+        "rss_model_mb": rss_model,
+        "peak_rss_mb": peak_rss_mb(),
+        "stages": result.table(),
+    }
+    if not args.no_conformance:
+        first = windows[:1, :CONFORMANCE_TOKENS]
+        payload["conformance"] = check_conformance(lm, first, layers=result.layers).to_dict()
+    emit(args, payload, _text)
+    return 0
+
+
+def _text(p: dict[str, Any]) -> str:
+    lines = [
+        f"{p['model']}: {p['tokens']} tokens traced; peak RSS {p['peak_rss_mb']:.0f} MB "
+        f"({p['rss_model_mb']:.0f} MB after loading)",
+        f"{'layer':>5}  {'stage':<11} {'symbol':<24} {'shape':<16} {'mean |x|':>10} {'mean var':>10}",
+    ]
+    for r in p["stages"]:
+        shape = "x".join(str(n) for n in r["shape"])
+        lines.append(
+            f"{r['layer']:>5}  {r['stage']:<11} {r['symbol']:<24} {shape:<16} {r['mean_norm']:>10.4g} "
+            f"{r['var']:>10.4g}"
+        )
+    if "conformance" in p:
+        c = p["conformance"]
+        verdict = "PASS" if c["passed"] else "FAIL"
+        lines.append(
+            f"conformance {verdict} (max relative deviation per equation, tolerance {c['rel_tol']:g}):"
+        )
+        lines += [f"  {eq:<30} {dev:.2e}" for eq, dev in c["worst"].items()]
+        lines.append(f"Table 2: every weight's residual side has width {c['shared_d']}")
+    return "\n".join(lines)
