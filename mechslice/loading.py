@@ -68,8 +68,26 @@ class LoadedModel:
         return self._bridge
 
     def reset_bridge(self) -> None:
-        """Drop the bridge so the next access rebuilds it (after modules were swapped, e.g. by slicing)."""
+        """Drop the bridge and put the plain HF modules back where it installed its wrappers.
+
+        Building a bridge replaces modules inside the HF model (their state-dict keys gain
+        `_original_component`); slicing, saving and a rebuilt bridge must see the originals.
+        """
+        _unwrap_children(self.model)
         self._bridge = None
+
+
+def _unwrap_children(module: torch.nn.Module) -> None:
+    """Replace every bridge wrapper below `module` by the HF module it wraps, recursively."""
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        plain = child
+        while "_original_component" in plain._modules:
+            plain = plain._modules["_original_component"]
+        if plain is not child:
+            module._modules[name] = plain
+        _unwrap_children(plain)
 
 
 def default_device() -> str:

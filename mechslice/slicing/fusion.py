@@ -11,7 +11,6 @@ from torch import nn
 
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel
-from mechslice.slicing.layers import restore_hf_modules
 
 # Child modules of a block that may sit beside the two pre-norms without touching the residual stream.
 _NORM_WORDS = ("norm",)
@@ -66,7 +65,7 @@ def untie_embeddings(lm: LoadedModel) -> None:
 @torch.no_grad()
 def fuse_norms(lm: LoadedModel) -> None:
     """Fold every norm weight into its readers and untie the embeddings, in place; the logits stay the same."""
-    restore_hf_modules(lm)
+    lm.reset_bridge()  # slicing and saving act on the plain HF modules
     check_blocks_covered(lm)
     untie_embeddings(lm)
     adapter, model = lm.adapter, lm.model

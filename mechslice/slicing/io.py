@@ -29,7 +29,7 @@ from transformers.utils import logging as hf_logging
 from mechslice.adapters import adapter_for
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel
-from mechslice.slicing.layers import SHORTCUTS, install_shortcut, restore_hf_modules
+from mechslice.slicing.layers import SHORTCUTS, install_shortcut
 from mechslice.slicing.slicer import SlicingRecord
 
 RECORD = "slicing.json"
@@ -42,7 +42,7 @@ def save_sliced(lm: LoadedModel, record: SlicingRecord, out: Path, overwrite: bo
         raise MechsliceError(
             f"output folder '{out}' exists; pass --overwrite to replace it or choose another"
         )
-    restore_hf_modules(lm)
+    lm.reset_bridge()  # slicing and saving act on the plain HF modules
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

@@ -14,7 +14,6 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from mechslice.adapters import ArchAdapter
-from mechslice.loading import LoadedModel
 
 SHORTCUTS = ("attn_shortcut", "mlp_shortcut")
 
@@ -87,27 +86,3 @@ def install_shortcut(layer: nn.Module, adapter: ArchAdapter, name: str, value: T
             layer.register_buffer(other, None)
     reference = next(layer.parameters())
     layer.register_buffer(name, value.to(dtype=reference.dtype, device=reference.device).contiguous())
-
-
-def restore_hf_modules(lm: LoadedModel) -> None:
-    """Put the plain Hugging Face modules back where a TransformerBridge installed its wrappers, drop the bridge.
-
-    Building the bridge replaces modules inside the HF model; slicing and saving must act on the originals.
-    """
-
-    def unwrap(module: nn.Module) -> nn.Module:
-        while "_original_component" in module._modules:
-            module = module._modules["_original_component"]
-        return module
-
-    def walk(module: nn.Module) -> None:
-        for name, child in list(module._modules.items()):
-            if child is None:
-                continue
-            plain = unwrap(child)
-            if plain is not child:
-                module._modules[name] = plain
-            walk(plain)
-
-    walk(lm.model)
-    lm.reset_bridge()
