@@ -114,6 +114,8 @@ def resolve_layers(bridge: Any, layers: Iterable[int] | None) -> tuple[int, ...]
     if layers is None:
         return tuple(range(count))
     chosen = tuple(sorted(set(layers)))
+    if not chosen:
+        raise TraceError(f"no layers chosen; pick block indices in 0..{count - 1} or leave layers unset")
     bad = [i for i in chosen if not 0 <= i < count]
     if bad:
         raise TraceError(f"layer index {bad[0]} is out of range; this model has layers 0..{count - 1}")

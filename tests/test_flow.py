@@ -110,6 +110,7 @@ def test_trace_tokens_and_projection(tiny: LoadedModel) -> None:
         ({"stages": ["attn.hook_nope"]}, "unknown stage or hook 'attn.hook_nope'"),
         ({"layers": [2]}, "layer index 2 is out of range; this model has layers 0..1"),
         ({"layers": [-1]}, "layer index -1 is out of range"),
+        ({"layers": []}, "no layers chosen"),
         ({"moments": ["E_out"], "stages": ["E_in"]}, "not among the traced stages"),
     ],
 )
