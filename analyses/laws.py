@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from analyses.fits import LineFit, fit_line
+from mechslice import distributed
 from mechslice.errors import MechsliceError
 
 RESULTS_FILE = "results.json"
@@ -370,12 +371,16 @@ def write_fits(table: FitTable, directory: str | Path) -> tuple[Path, Path]:
     """Write `directory/fits.json` and `directory/fits.csv` atomically; return their paths."""
     folder = Path(directory)
     json_path, csv_path = folder / FITS_JSON, folder / FITS_CSV
-    _atomic_write(json_path, json.dumps(table.to_dict(), indent=2, allow_nan=False) + "\n")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=csv_columns(), lineterminator="\n")
     writer.writeheader()
     writer.writerows(_csv_row(r, table.acc_key) for r in table.rows)
-    _atomic_write(csv_path, buf.getvalue())
+
+    def write() -> None:
+        _atomic_write(json_path, json.dumps(table.to_dict(), indent=2, allow_nan=False) + "\n")
+        _atomic_write(csv_path, buf.getvalue())
+
+    distributed.on_main(write)  # under torchrun only rank 0 writes; the others wait for it
     return json_path, csv_path
 
 

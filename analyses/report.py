@@ -33,6 +33,7 @@ from analyses.laws import (
     fit_results,
     load_results,
 )
+from mechslice import distributed
 from mechslice.atomic import atomic_write_text
 from mechslice.errors import MechsliceError
 
@@ -978,4 +979,5 @@ def build_report(directory: str | Path, out: str | Path | None = None, acc_key: 
     path = Path(out) if out is not None else folder / REPORT_FILE
     if path.is_dir():
         raise MechsliceError(f"cannot write the report to {path}: it is a folder; give a file path to --out")
-    return atomic_write_text(path, render_report(results, folder, acc_key))
+    distributed.on_main(lambda: atomic_write_text(path, render_report(results, folder, acc_key)))
+    return path  # under torchrun only rank 0 renders and writes; the others wait for it

@@ -23,6 +23,7 @@ from analyses.entropy import layer_entropy_summary
 from analyses.laws import check_same_model, load_results
 from analyses.layer_entropy import check_estimators, residual_samples
 from analyses.shift import ShiftAccumulator
+from mechslice import distributed
 from mechslice.atomic import atomic_write_json
 from mechslice.corpora import calibration_windows, corpus_tokens, eval_windows
 from mechslice.errors import MechsliceError
@@ -217,7 +218,11 @@ def run_sweep(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run (or resume) the sweep into `out_dir/results.json` and return the results document."""
+    """Run (or resume) the sweep into `out_dir/results.json` and return the results document.
+
+    Under torchrun every rank runs the sweep on the same inputs: calibration, perplexity windows and MC items
+    are sharded and reduced inside `slice_model` / `Slicer` / the evaluators; only rank 0 writes files.
+    """
     check_settings(settings)
     dense = load_model(model, device=device)
     for s in settings.sparsities:
@@ -255,7 +260,7 @@ def run_sweep(
         seconds["total"] = time.perf_counter() - start
         results["records"].append({"sparsity": s, **record, **measured, "seconds": seconds})
         results["records"].sort(key=lambda r: r["sparsity"])
-        atomic_write_json(out_dir / RESULTS, results)
+        distributed.on_main(lambda: atomic_write_json(out_dir / RESULTS, results))
         log(_line(results["records"], s))
         del lm
     return results
@@ -267,7 +272,7 @@ def _write_spectra(out_dir: Path, s: float, spectra: dict[str, list[float]]) -> 
     rows = [
         {"name": name, "eigenvalues": [float(f"{v:.6g}") for v in values]} for name, values in spectra.items()
     ]
-    atomic_write_json(out_dir / relative, rows)
+    distributed.on_main(lambda: atomic_write_json(out_dir / relative, rows))
     return relative
 
 

@@ -7,15 +7,17 @@ object on stdout, exit 0 on success, exit 2 with one `error: ...` line on stderr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
 import sys
+from collections.abc import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from mechslice import commands
+from mechslice import commands, distributed
 from mechslice.errors import MechsliceError
 
 
@@ -31,11 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; map bad input to `error: ...` on stderr and exit code 2."""
+    """Run one subcommand; map bad input to `error: ...` on stderr and exit code 2.
+
+    Under torchrun (WORLD_SIZE > 1) it joins the process group first and leaves it at the end; only rank 0
+    prints results on stdout (errors still go to every rank's stderr).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with _one_process_group(), _stdout_on_rank0():
+            return int(args.func(args) or 0)
     except MechsliceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -45,6 +52,31 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+
+
+@contextlib.contextmanager
+def _one_process_group() -> Iterator[None]:
+    """The torchrun process group around a command, destroyed when this call created it."""
+    created = distributed.launched() and not distributed.active()
+    distributed.init_from_env()
+    try:
+        yield
+    except BaseException:
+        if created:  # no final barrier: the other ranks may be waiting at a collective this one never reaches
+            distributed.shutdown(wait=False)
+        raise
+    if created:
+        distributed.shutdown()
+
+
+@contextlib.contextmanager
+def _stdout_on_rank0() -> Iterator[None]:
+    """stdout as is on rank 0; discarded on the other ranks, which compute the same results."""
+    if distributed.is_main():
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
 
 
 if __name__ == "__main__":

@@ -112,31 +112,42 @@ def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
 
 
 def load_model(
-    source: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype = torch.float32
+    source: str = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device_map: str | dict[str, int | str] | None = None,
+    offload_folder: Path | None = None,
 ) -> LoadedModel:
     """Load `source` offline: the embedded name, a `.gguf` file, or a local Hugging Face folder.
 
     The embedded model is dequantized once and cached as float safetensors; later loads read the cache.
     A folder written by `mechslice slice` (it holds `slicing.json`) loads back as the sliced model.
+    `device_map` ("auto", "balanced", "sequential" or {module name: device}, devices a GPU index, "cpu" or
+    "disk") places the layers of an unsliced folder across devices through accelerate (`device` is then
+    ignored); "disk" layers are written to `offload_folder` and streamed in at each forward pass.
     """
-    device = device or default_device()
+    device = None if device_map is not None else device or default_device()  # None: keep the map's placement
     if source in _EMBEDDED:
         folder = _cached_embedded(source)
-        return _finish(_load_folder(folder, dtype), source, str(folder), device)
+        return _finish(_load_folder(folder, dtype, device_map, offload_folder), source, str(folder), device)
     path = Path(source).expanduser()
     if not path.exists():
         known = ", ".join(_EMBEDDED)
         raise MechsliceError(f"model '{source}' is neither a known name ({known}) nor an existing path")
     if path.is_dir():
-        return _finish(_load_folder(path, dtype), path.name, str(path), device)
+        return _finish(_load_folder(path, dtype, device_map, offload_folder), path.name, str(path), device)
+    if device_map is not None:
+        raise MechsliceError(f"a device map needs a model folder, not '{path}'; load the GGUF and save it")
     return _finish(_load_gguf(path, dtype), path.stem, str(path), device)
 
 
 def _finish(
-    loaded: tuple[PreTrainedModel, PreTrainedTokenizerBase], name: str, source: str, device: str
+    loaded: tuple[PreTrainedModel, PreTrainedTokenizerBase], name: str, source: str, device: str | None
 ) -> LoadedModel:
     model, tokenizer = loaded
-    model.to(device).eval()
+    if device is not None:
+        model.to(device)
+    model.eval()
     return LoadedModel(model, tokenizer, adapter_for(model.config), name, source)
 
 
@@ -173,10 +184,17 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     return model, tokenizer
 
 
-def _load_folder(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_folder(
+    path: Path,
+    dtype: torch.dtype,
+    device_map: str | dict[str, int | str] | None = None,
+    offload_folder: Path | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if (path / "slicing.json").exists():
         from mechslice.slicing.io import load_sliced
 
+        if device_map is not None:
+            raise MechsliceError(f"'{path}' is a sliced model, loaded whole; drop the device map to load it")
         return load_sliced(path, dtype)
     if not (path / "config.json").exists():
         raise MechsliceError(f"'{path}' has no config.json: not a Hugging Face model folder")
@@ -186,7 +204,8 @@ def _load_folder(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTr
         raise MechsliceError(f"could not read config in '{path}': {err}") from err
     adapter_for(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (ValueError, OSError, RuntimeError) as err:
         raise MechsliceError(f"could not load model folder '{path}': {err}") from err

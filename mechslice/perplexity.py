@@ -20,6 +20,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from mechslice import distributed
+
 _LOGIT_CHUNK = 512  # positions per unembedding chunk: 512 x 49152 fp32 logits is ~100 MB
 
 
@@ -90,9 +92,13 @@ def token_nll(
 def evaluate_perplexity(
     model: PreTrainedModel, windows: Int[Tensor, "w seqlen"], batch_size: int = 4, progress: bool = True
 ) -> PerplexityResult:
-    """Perplexity of `model` over `windows`: exp(sum NLL / scored tokens), summed in float64."""
+    """Perplexity of `model` over `windows`: exp(sum NLL / scored tokens), summed in float64.
+
+    Under torchrun each rank scores its `distributed.shard` of the windows and the sums are added over ranks.
+    """
     total, count = 0.0, 0
     start_time = time.perf_counter()
+    windows = distributed.shard(windows)
     bar = tqdm(total=windows.numel() - len(windows), desc="perplexity", unit="tok", disable=not progress)
     with sdpa_attention(model):
         for start in range(0, len(windows), batch_size):
@@ -101,6 +107,7 @@ def evaluate_perplexity(
             count += nll.numel()
             bar.update(nll.numel())
     bar.close()
+    total, count = distributed.sum_counts(total, count)
     seconds = time.perf_counter() - start_time
     mean = total / count
-    return PerplexityResult(nll=mean, ppl=math.exp(mean), tokens=count, seconds=seconds)
+    return PerplexityResult(nll=mean, ppl=math.exp(mean), tokens=int(count), seconds=seconds)

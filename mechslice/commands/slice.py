@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+from mechslice import distributed
 from mechslice.commands._common import add_model_args, emit, model_from_args
 from mechslice.corpora import calibration_windows
 from mechslice.errors import MechsliceError
+from mechslice.loading import LoadedModel, load_model
 from mechslice.slicing import save_sliced, slice_model, sliced_width
 from mechslice.slicing.slicer import ROTATIONS
 
@@ -33,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--round-to", type=int, default=8, help="round d' down to a multiple of R (default 8)"
     )
     parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per pass (default 8)")
+    parser.add_argument(
+        "--device-map",
+        default=None,
+        help="place layers across devices with accelerate: auto, balanced, sequential, or a JSON file "
+        '{"model.layers.0": 0, ...} (devices: GPU index or cpu); overrides --device',
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.set_defaults(func=run)
@@ -44,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise MechsliceError(
             f"output folder '{args.out}' exists; pass --overwrite to replace it or choose another"
         )
-    lm = model_from_args(args)
+    lm = _model(args)
     sliced_width(lm.dims.d, args.sparsity, args.round_to)  # reject bad input before calibrating
     calib = calibration_windows(
         lm.tokenizer, args.calib_corpus, args.calib_samples, args.calib_seqlen, seed=CALIBRATION_SEED
@@ -66,13 +75,30 @@ def run(args: argparse.Namespace) -> int:
         "d_prime": record.d_prime,
         "calibration": record.calibration,
         "seconds": seconds,
+        "processes": distributed.world_size(),
+        "peak_memory_gb": distributed.peak_memory_gb([p.device for p in lm.model.parameters()]),
     }
     emit(args, payload, _text)
     return 0
 
 
+def _model(args: argparse.Namespace) -> LoadedModel:
+    """The model on --device, or spread over devices by --device-map (a name or a JSON file)."""
+    if args.device_map is None:
+        return model_from_args(args)
+    device_map: str | dict[str, int | str] = args.device_map
+    if args.device_map.endswith(".json"):
+        try:
+            device_map = json.loads(Path(args.device_map).read_text())
+        except (OSError, ValueError) as err:
+            raise MechsliceError(f"cannot read the device map '{args.device_map}': {err}") from err
+    return load_model(args.model, device_map=device_map)
+
+
 def _text(p: dict[str, Any]) -> str:
     return (
         f"{p['model']}: sliced {p['mode']} d {p['d']} -> {p['d_prime']} (sparsity {p['sparsity']}, effective "
-        f"{p['effective_sparsity']:.4f}) in {p['seconds']:.1f} s; saved to {p['out']}"
+        f"{p['effective_sparsity']:.4f}) in {p['seconds']:.1f} s on {p['processes']} process(es); saved to "
+        f"{p['out']}; peak memory per device (this process): "
+        + ", ".join(f"{device} {gb:.2f} GB" for device, gb in p["peak_memory_gb"].items())
     )

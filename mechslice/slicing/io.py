@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from mechslice import distributed
 from mechslice.adapters import adapter_for
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel
@@ -36,8 +37,16 @@ RECORD = "slicing.json"
 
 
 def save_sliced(lm: LoadedModel, record: SlicingRecord, out: Path, overwrite: bool = False) -> Path:
-    """Write the sliced model, its tokenizer and `slicing.json` to `out`, atomically."""
+    """Write the sliced model, its tokenizer and `slicing.json` to `out`, atomically.
+
+    Under torchrun every rank holds the same sliced model: rank 0 writes, the others wait until it is written.
+    """
     out = Path(out)
+    distributed.on_main(lambda: _save(lm, record, out, overwrite))
+    return out
+
+
+def _save(lm: LoadedModel, record: SlicingRecord, out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise MechsliceError(
             f"output folder '{out}' exists; pass --overwrite to replace it or choose another"
@@ -59,7 +68,6 @@ def save_sliced(lm: LoadedModel, record: SlicingRecord, out: Path, overwrite: bo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _save_weights_and_config(lm: LoadedModel, folder: Path) -> None:

@@ -61,6 +61,10 @@ def layer_inputs(
     return inputs, call_args
 
 
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 @torch.no_grad()
 def norm_input_moments(
     lm: LoadedModel, calib: Int[Tensor, "n seqlen"], batch_size: int, progress: bool
@@ -68,10 +72,13 @@ def norm_input_moments(
     """Second moments of every norm input of the (dense) model: resid_pre of each layer plus the final norm's
     input (L+1 of them), and resid_mid of each layer (L), from one forward pass over the calibration."""
     adapter, model, d = lm.adapter, lm.model, lm.dims.d
-    pre = [SecondMoment(d, lm.device) for _ in range(lm.dims.n_layers + 1)]
-    mid = [SecondMoment(d, lm.device) for _ in range(lm.dims.n_layers)]
+    layers = adapter.layers(model)
+    # each moment lives beside its signal (the device of the layer that reads it, under a device map)
+    pre = [SecondMoment(d, _device(adapter.block(layer).input_norm)) for layer in layers]
+    pre.append(SecondMoment(d, _device(adapter.final_norm(model))))
+    mid = [SecondMoment(d, _device(adapter.block(layer).post_attn_norm)) for layer in layers]
     targets: list[tuple[nn.Module, SecondMoment, str]] = []
-    for i, layer in enumerate(adapter.layers(model)):
+    for i, layer in enumerate(layers):
         view = adapter.block(layer)
         targets += [
             (view.input_norm, pre[i], "the embedding output" if i == 0 else f"the output of layer {i - 1}")

@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mechslice import distributed
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel
 from mechslice.perplexity import sdpa_attention
@@ -95,6 +96,16 @@ def _check_input(lm: LoadedModel, calib: Tensor, rotation: str, batch_size: int)
         )
     if batch_size < 1:
         raise MechsliceError(f"batch_size must be at least 1, got {batch_size}")
+    if calib.shape[0] < distributed.world_size():
+        raise MechsliceError(
+            f"{calib.shape[0]} calibration windows cannot be shared among {distributed.world_size()} "
+            "processes; give at least one window per process (--calib-samples) or start fewer"
+        )
+    if any(p.device.type == "meta" for p in lm.model.parameters()):
+        raise MechsliceError(
+            "some layers are offloaded (their weights are on the meta device) and cannot be rotated in place; "
+            "give every layer a device in the map (a GPU or cpu) to slice, offload only to evaluate"
+        )
     if any(isinstance(layer, ShortcutBlock) for layer in lm.adapter.layers(lm.model)):
         raise MechsliceError(
             "this model is already sliced in per-layer mode; slice the original model instead"
@@ -151,26 +162,49 @@ class _Rotator:
 def _basis(
     stats: SecondMoment, key: str, spectra: dict[str, list[float]], signal: str
 ) -> Float[Tensor, "d d"]:
-    """The PCA basis of one signal, its spectrum stored under `key`; NaN/Inf in its sums name `signal`."""
+    """The PCA basis of one signal, its spectrum stored under `key`; NaN/Inf in its sums name `signal`.
+
+    Under torchrun `stats` holds this rank's share: it is summed over ranks here, the one place every basis
+    passes, and rank 0's eigenvectors are broadcast so that all ranks rotate by bitwise the same Q.
+    """
+    distributed.reduce_moment_(stats)
     require_finite(stats.sum, signal)
     eigenvalues, q = pca(stats)
     spectra[key] = eigenvalues.tolist()
-    return q
+    return distributed.broadcast_(q)
+
+
+def _on(value: Any, device: torch.device) -> Any:
+    """`value` (a tensor, or tuples/lists/dicts of them) moved to `device`; anything else unchanged."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_on(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _on(v, device) for k, v in value.items()}
+    return value
 
 
 @torch.no_grad()
 def _slice_per_layer(
     lm: LoadedModel, calib: Int[Tensor, "n seqlen"], d_prime: int, batch_size: int, progress: bool
 ) -> dict[str, list[float]]:
-    """SliceGPT proper: each basis from the outputs of the already sliced layers before it."""
+    """SliceGPT proper: each basis from the outputs of the already sliced layers before it.
+
+    With the layers spread over devices (a device map), the activations follow each layer to its device, so a
+    device holds its layers plus, while its layers run, the calibration activations.
+    """
     adapter, d, spectra = lm.adapter, lm.dims.d, {}
     layers = adapter.layers(lm.model)
     xs, call_args = layer_inputs(lm, calib, batch_size)
-    stats = SecondMoment(d, lm.device)
+    stats = SecondMoment(d, xs[0].device)
     for x in xs:
         stats.add(x)
     rotator = _Rotator(lm, d_prime, shortcuts=True)
     for i, layer in enumerate(tqdm(layers, desc="slicing", disable=not progress)):
+        device = next(layer.parameters()).device
+        xs = [x.to(device) for x in xs]
+        kwargs = [_on(args[i], device) for args in call_args]
         q = _basis(
             stats,
             f"resid_pre.{i}",
@@ -178,16 +212,16 @@ def _slice_per_layer(
             "the embedding output" if i == 0 else f"the output of layer {i - 1}",
         )[:, :d_prime]
         rotator.enter(i, q)
-        qa = q.to(xs[0].dtype)
-        stats = SecondMoment(d, lm.device)
+        qa = q.to(device=device, dtype=xs[0].dtype)
+        stats = SecondMoment(d, device)
         for b, x in enumerate(xs):
             z = x @ qa
-            xs[b] = z @ qa.T + attn_branch(layer, adapter.input_norm, z, **call_args[b][i])
+            xs[b] = z @ qa.T + attn_branch(layer, adapter.input_norm, z, **kwargs[b])
             stats.add(xs[b])
         q = _basis(stats, f"resid_mid.{i}", spectra, f"resid_mid of layer {i}")[:, :d_prime]
         rotator.middle(i, q)
-        qa = q.to(xs[0].dtype)
-        stats = SecondMoment(d, lm.device)
+        qa = q.to(device=device, dtype=xs[0].dtype)
+        stats = SecondMoment(d, device)
         for b, x in enumerate(xs):
             z = x @ qa
             xs[b] = z @ qa.T + mlp_branch(layer, adapter.post_attn_norm, z)
@@ -219,7 +253,8 @@ class Slicer:
 
     The bases of every signal are computed on the dense model (in per-layer mode SliceGPT proper recomputes
     them on the sliced model for each sparsity; `slice_model` does that). `lm` is fused in place, otherwise
-    unchanged; each `sliced` model shares no tensor with it.
+    unchanged; each `sliced` model shares no tensor with it. Under torchrun each rank calibrates on its
+    `distributed.shard` of `calib` (the full, identical set on every rank) and the moments are summed.
     """
 
     def __init__(
@@ -235,7 +270,7 @@ class Slicer:
         self.calibration = {"n_samples": calib.shape[0], "seqlen": calib.shape[1], "tokens": calib.numel()}
         fuse_norms(lm)
         with sdpa_attention(lm.model):
-            pre, mid = norm_input_moments(lm, calib, batch_size, progress)
+            pre, mid = norm_input_moments(lm, distributed.shard(calib), batch_size, progress)
         self.spectra: dict[str, list[float]] = {}
         if rotation == "global":
             total = SecondMoment(lm.dims.d, lm.device)
@@ -312,7 +347,11 @@ def slice_model(
     batch_size: int = 8,
     progress: bool = True,
 ) -> SlicingRecord:
-    """Fuse, rotate and slice `lm` to width d' = (1-s)d rounded down, in place, on the model's device."""
+    """Fuse, rotate and slice `lm` to width d' = (1-s)d rounded down, in place, on the model's device(s).
+
+    Under torchrun every rank passes the same `calib`, calibrates on its `distributed.shard` of it, and ends
+    with the same sliced model; the record counts the whole calibration.
+    """
     d = lm.dims.d
     d_prime = sliced_width(d, sparsity, round_to)
     if rotation == "global":
@@ -322,6 +361,6 @@ def slice_model(
     _check_input(lm, calib, rotation, batch_size)
     fuse_norms(lm)
     with sdpa_attention(lm.model):
-        spectra = _slice_per_layer(lm, calib, d_prime, batch_size, progress)
+        spectra = _slice_per_layer(lm, distributed.shard(calib), d_prime, batch_size, progress)
     calibration = {"n_samples": calib.shape[0], "seqlen": calib.shape[1], "tokens": calib.numel()}
     return _record(rotation, sparsity, d, d_prime, round_to, False, calibration, spectra)
