@@ -147,6 +147,64 @@ def case_many_shared(samples: int, seqlen: int, sparsities: list[float]) -> dict
     return {"seconds": time.perf_counter() - start}
 
 
+def _calibration_rank(rank: int, world: int, port: int, samples: int, seqlen: int, queue: mp.Queue) -> None:
+    """One rank of a `world`-process calibration (gloo on loopback, one intra-op thread per process)."""
+    import torch
+
+    from mechslice import distributed
+    from mechslice.slicing import Slicer
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.init_from_env()
+    lm = _model()
+    calib = _calib(lm, samples, seqlen)
+    distributed.barrier()
+    start = time.perf_counter()
+    Slicer(lm, calib, progress=False)
+    seconds = time.perf_counter() - start
+    queue.put({"rank": rank, "seconds": seconds, "peak_rss_gb": _peak_rss_gb()})
+    distributed.shutdown()
+
+
+def case_calibration(samples: int, seqlen: int, processes: int, threads: int = 1) -> dict[str, Any]:
+    """Per-layer `Slicer` calibration (one forward pass + every basis) over `processes` ranks."""
+    import socket
+
+    if processes == 1:
+        import torch
+
+        from mechslice.slicing import Slicer
+
+        torch.set_num_threads(threads)
+        lm = _model()
+        calib = _calib(lm, samples, seqlen)
+        start = time.perf_counter()
+        Slicer(lm, calib, progress=False)
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "tokens_per_s": samples * seqlen / seconds}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue: mp.Queue = ctx.Queue()
+    ranks = [
+        ctx.Process(target=_calibration_rank, args=(r, processes, port, samples, seqlen, queue))
+        for r in range(processes)
+    ]
+    for proc in ranks:
+        proc.start()
+    results = [queue.get() for _ in ranks]
+    for proc in ranks:
+        proc.join()
+    seconds = max(r["seconds"] for r in results)  # the job ends when its slowest rank does
+    return {
+        "seconds": seconds,
+        "tokens_per_s": samples * seqlen / seconds,
+        "rank_peak_rss_gb": max(r["peak_rss_gb"] for r in results),
+    }
+
+
 def case_trace(tokens: int) -> dict[str, Any]:
     from hooks.flow import trace_tokens
     from mechslice.corpora import corpus_tokens
@@ -261,6 +319,27 @@ def section_slice(full: bool) -> dict[str, Any]:
     )
     out.update(many_exact=exact, many_shared=shared)
     return out
+
+
+def section_calibration(full: bool) -> dict[str, Any]:
+    kw = {"samples": 128, "seqlen": 2048} if full else {"samples": 8, "seqlen": 1024}
+    single = measure("calibration", processes=1, threads=1, **kw)
+    threaded = measure("calibration", processes=1, threads=2, **kw)
+    two = measure("calibration", processes=2, **kw)
+    print(
+        f"calibration throughput at {kw['samples']}x{kw['seqlen']} (Slicer, per-layer bases): 1 process x 1 "
+        f"thread {single['tokens_per_s']:.0f} tok/s, 1 process x 2 threads {threaded['tokens_per_s']:.0f} "
+        f"tok/s, 2 processes x 1 thread (gloo) {two['tokens_per_s']:.0f} tok/s -> "
+        f"{two['tokens_per_s'] / single['tokens_per_s']:.2f}x and {two['tokens_per_s'] / threaded['tokens_per_s']:.2f}x; "
+        f"peak RSS {single['peak_rss_gb']:.2f} GB vs {two['rank_peak_rss_gb']:.2f} GB per rank; load average "
+        f"{os.getloadavg()[0]:.1f}.\n"
+        "  What limits the scaling here: two cores (shared with whatever else runs) cap two ranks at 2x one "
+        "single-threaded process, and a two-thread process already uses the same two cores, so ranks gain over "
+        "it only where its threads idle (small matmuls, the serial eigh of each basis) or stall (two "
+        "spinning threads on a busy machine); on a shared machine two processes also win a larger share of the "
+        "cores than one, so read the ratios with the load average; each rank also holds its own model copy."
+    )
+    return {"calibration": kw, "one_thread": single, "two_threads": threaded, "two_processes": two}
 
 
 def section_trace(full: bool) -> dict[str, Any]:
