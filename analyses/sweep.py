@@ -71,10 +71,10 @@ QUICK = SweepSettings(
     calib_samples=16,
     calib_seqlen=512,
     ppl_seqlen=512,
-    ppl_max_tokens=8192,
-    mc_limit=40,
+    ppl_max_tokens=4096,
+    mc_limit=10,
     estimators=("gaussian", "marginal"),
-    probe_tokens=1024,
+    probe_tokens=512,
     quick=True,
 )
 

@@ -39,9 +39,9 @@ def load_corpus(spec: str = "wiki", split: str = "test") -> str:
     if kind == "wiki" and not arg:
         text = "\n\n".join(_split(_wiki_articles(), split))
     elif kind == "text" and arg:
-        text = "\n\n".join(_split(_paragraphs(_read_text(Path(arg))), split))
+        text = "\n\n".join(_split(_paragraphs(_read_text(Path(arg).expanduser())), split))
     elif kind == "wikitext2" and arg:
-        text = _wikitext2(Path(arg), split)
+        text = _wikitext2(Path(arg).expanduser(), split)
     else:
         raise MechsliceError(f"unknown corpus '{spec}'; use wiki, wikitext2:PATH or text:PATH")
     if not text.strip():
