@@ -349,6 +349,13 @@ def slice_model(
 ) -> SlicingRecord:
     """Fuse, rotate and slice `lm` to width d' = (1-s)d rounded down, in place, on the model's device(s).
 
+    `calib` holds token windows (e.g. `mechslice.corpora.calibration_windows`) whose activations give the PCA.
+    `rotation="per-layer"` (SliceGPT proper) computes a basis for every norm input on the outputs of the already
+    sliced layers and adds shortcut matrices on the residual connections; `"global"` uses one basis for the
+    whole network and leaves an ordinary model of width d'. `round_to` rounds d' down to a multiple (SliceGPT
+    uses 8). Any TransformerBridge built earlier is dropped: read `lm.bridge` again after slicing.
+    Returns the `SlicingRecord` (nominal and effective sparsity, d', calibration, PCA spectra).
+
     Under torchrun every rank passes the same `calib`, calibrates on its `distributed.shard` of it, and ends
     with the same sliced model; the record counts the whole calibration.
     """
