@@ -14,7 +14,9 @@ import plotly.offline
 import pytest
 
 from analyses.laws import fit_results
-from analyses.report import REPORT_FILE, build_report, kept_fraction, quick_note, summary
+from analyses.report import REPORT_FILE, build_report
+from analyses.report_figures import kept_fraction
+from analyses.report_text import quick_note, summary
 from mechslice.cli import main
 from mechslice.errors import MechsliceError
 

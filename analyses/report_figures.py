@@ -1,0 +1,423 @@
+"""The report's plotly figures, drawn from results.json records: Fig. 3a/3b analogues, the ln PPL prediction,
+per-layer entropy, eigenvalue spectra of the rotations and the output shift.
+
+Each sparsity keeps one colour (`sparsity_color`) in every figure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.colors import sample_colorscale
+from plotly.subplots import make_subplots
+
+from analyses.fits import LineFit
+from analyses.laws import PAPER_TABLE3, PPL, FitTable, dense_record, entropy_predictions
+from analyses.report_text import PAPER_SHORT, STDERR_KEYS, task_label
+
+SHIFT_PANELS = (
+    ("kl", "KL(p0 || ps) (nats)"),
+    ("js", "JS divergence (nats)"),
+    ("top1_agreement", "top-1 agreement"),
+)
+
+S_COLOR_MAX = 0.6  # sparsities from here on share the lightest colour
+SIG_DIGITS = 4  # eigenvalues are rounded to this many significant digits in the page (a plot, not a dataset)
+
+
+def sorted_records(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sweep's records by effective sparsity, dense first."""
+    return sorted(results["records"], key=lambda r: r["effective_sparsity"])
+
+
+def sparsity_color(rec: dict[str, Any]) -> str:
+    """A colour fixed by the effective sparsity (dark for dense, light by S_COLOR_MAX), the same in every figure."""
+    return sample_colorscale("Viridis", [0.9 * min(rec["effective_sparsity"] / S_COLOR_MAX, 1.0)])[0]
+
+
+def s_label(rec: dict[str, Any]) -> str:
+    """A record's legend name, its effective sparsity."""
+    return f"s={rec['effective_sparsity']:.3f}"
+
+
+def _line_xs(fit: LineFit) -> np.ndarray:
+    """The two ends of a straight line drawn over the fitted sparsities."""
+    return np.array([0.0, max(fit.s_max, 0.05)])
+
+
+def _paper_line_traces(fit: LineFit, dataset: str) -> list[go.Scatter]:
+    xs = _line_xs(fit)
+    return [
+        go.Scatter(
+            x=xs,
+            y=p.a * xs + p.b,
+            mode="lines",
+            name=f"Table 3 {PAPER_SHORT[m]} ({p.a:+.2f}s {p.b:+.2f})",
+            line=dict(dash="dash" if i == 0 else "dashdot", width=1.5),
+        )
+        for i, (m, p) in enumerate(PAPER_TABLE3.get(dataset, {}).items())
+    ]
+
+
+def _fit_trace(fit: LineFit, name: str, color: str | None = None) -> go.Scatter:
+    xs = _line_xs(fit)
+    return go.Scatter(
+        x=xs,
+        y=fit.a * xs + fit.b,
+        mode="lines",
+        name=f"{name} fit ({fit.a:+.2f}s {fit.b:+.2f})",
+        line=dict(color=color),
+    )
+
+
+def figure_3a(table: FitTable) -> go.Figure:
+    """Fig. 3a analogue: ln PPL0 / ln PPL against effective sparsity, our fit, y = 1 - s, Table 3's lines."""
+    row = table.row(PPL)
+    xs = _line_xs(row.fit)
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(x=row.points.s, y=row.points.y, mode="markers", name="measured", marker=dict(size=9))
+    )
+    fig.add_trace(_fit_trace(row.fit, "our", "#1f77b4"))
+    fig.add_trace(
+        go.Scatter(x=xs, y=1.0 - xs, mode="lines", name="paper: y = 1 - s", line=dict(color="black"))
+    )
+    for trace in _paper_line_traces(row.fit, PPL):
+        fig.add_trace(trace)
+    fig.update_layout(
+        title="Fig. 3a analogue: ln PPL0 / ln PPL vs effective sparsity",
+        xaxis_title="effective sparsity s = 1 - d'/d",
+        yaxis_title="ln PPL0 / ln PPL",
+    )
+    return fig
+
+
+def accuracy_points(
+    results: dict[str, Any], task: str, acc_key: str
+) -> tuple[list[float], list[float], list[float | None]]:
+    """(s, ln(acc/acc0), standard error) of `task`; se(ln acc) ~ stderr/acc (delta method), None if unknown."""
+    dense = dense_record(results)
+    acc0 = dense["tasks"][task][acc_key]
+    s, y, err = [], [], []
+    for rec in sorted_records(results):
+        m = rec.get("tasks", {}).get(task, {})
+        acc = m.get(acc_key)
+        if acc is None or acc <= 0.0:
+            continue
+        se = m.get(STDERR_KEYS[acc_key])
+        s.append(float(rec["effective_sparsity"]))
+        y.append(math.log(acc / acc0))
+        err.append(None if se is None else se / acc)
+    return s, y, err
+
+
+def figure_3b(results: dict[str, Any], table: FitTable) -> go.Figure:
+    """Fig. 3b analogue: ln(acc/acc0) per task against effective sparsity, with error bars and fitted lines."""
+    fig = go.Figure()
+    palette = sample_colorscale("Plotly3", [0.1 + 0.8 * i / 5 for i in range(6)])
+    for i, row in enumerate(r for r in table.rows if r.metric == "accuracy"):
+        color = palette[i % len(palette)]
+        s, y, err = accuracy_points(results, row.dataset, table.acc_key)
+        bars = [0.0 if e is None else e for e in err]
+        label = task_label(row.dataset)
+        fig.add_trace(
+            go.Scatter(
+                x=s,
+                y=y,
+                mode="markers",
+                name=label,
+                marker=dict(color=color, size=8),
+                error_y=dict(type="data", array=bars, visible=any(e is not None for e in err)),
+                legendgroup=label,
+            )
+        )
+        fit_line = _fit_trace(row.fit, label, color)
+        fit_line.legendgroup = label
+        fig.add_trace(fit_line)
+    fig.update_layout(
+        title=f"Fig. 3b analogue: ln(acc/acc0) vs effective sparsity ({table.acc_key}; bars ±1 se)",
+        xaxis_title="effective sparsity s = 1 - d'/d",
+        yaxis_title="ln(acc / acc0)",
+    )
+    return fig
+
+
+def entropy_stats(records: Sequence[dict[str, Any]], estimator: str) -> list[dict[str, Any]]:
+    return [st for rec in records if (st := (rec.get("entropy") or {}).get(estimator))]
+
+
+def entropy_figures(records: Sequence[dict[str, Any]], estimator: str) -> tuple[go.Figure, go.Figure]:
+    """Per-layer entropy H_l (one curve per sparsity, the dense one in black) and per-layer H'_l/H_l with its
+    1 - s as a dashed line."""
+    curves, ratios = go.Figure(), go.Figure()
+    dense = next(
+        (st["per_layer_dense"] for st in entropy_stats(records, estimator) if st.get("per_layer_dense")), None
+    )
+    if dense:
+        curves.add_trace(
+            go.Scatter(
+                x=list(range(len(dense))), y=dense, mode="lines", name="dense", line=dict(color="black")
+            )
+        )
+    for rec in records:
+        stats = (rec.get("entropy") or {}).get(estimator)
+        if not stats:
+            continue
+        color, label = sparsity_color(rec), s_label(rec)
+        if stats.get("per_layer"):
+            h = stats["per_layer"]
+            curves.add_trace(
+                go.Scatter(
+                    x=list(range(len(h))), y=h, mode="lines+markers", name=label, line=dict(color=color)
+                )
+            )
+        if stats.get("ratio_per_layer"):
+            r = stats["ratio_per_layer"]
+            ratios.add_trace(
+                go.Scatter(
+                    x=list(range(len(r))),
+                    y=r,
+                    mode="lines+markers",
+                    name=label,
+                    line=dict(color=color),
+                    legendgroup=label,
+                )
+            )
+            ratios.add_trace(
+                go.Scatter(
+                    x=[0, len(r) - 1],
+                    y=[1.0 - rec["effective_sparsity"]] * 2,
+                    mode="lines",
+                    name=f"1 - s ({label})",
+                    line=dict(color=color, dash="dash", width=1),
+                    legendgroup=label,
+                    showlegend=False,
+                )
+            )
+    curves.update_layout(
+        title=f"Residual-stream entropy per layer ({estimator}, nats per token vector)",
+        xaxis_title="layer",
+        yaxis_title="H_l",
+    )
+    ratios.update_layout(
+        title=f"H'_l / H_l per layer ({estimator}); dashed: 1 - s", xaxis_title="layer", yaxis_title="H' / H"
+    )
+    return curves, ratios
+
+
+def entropy_ratio_figure(records: Sequence[dict[str, Any]], estimators: Sequence[str]) -> go.Figure:
+    """The premise H'/H = 1 - s: the layer-mean entropy ratio against 1 - s, per estimator, with y = x."""
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=[0, 1], y=[0, 1], mode="lines", name="H'/H = 1 - s", line=dict(color="black", dash="dash")
+        )
+    )
+    for est in estimators:
+        pts = [
+            (1.0 - rec["effective_sparsity"], rec["entropy"][est]["ratio_mean"])
+            for rec in records
+            if (rec.get("entropy") or {}).get(est, {}).get("ratio_mean") is not None
+        ]
+        if pts:
+            fig.add_trace(
+                go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers+lines", name=est)
+            )
+    fig.update_layout(title="Layer-mean entropy ratio vs 1 - s", xaxis_title="1 - s", yaxis_title="mean H'/H")
+    return fig
+
+
+def prediction_figure(results: dict[str, Any], table: FitTable | None) -> go.Figure:
+    """Measured ln PPL vs s, with ln PPL0/(1-s), the fitted law, and ln PPL0/(H'/H) per entropy estimator."""
+    records = [r for r in sorted_records(results) if r.get("ppl") is not None and r["ppl"] > 1.0]
+    ppl0 = dense_record(results)["ppl"]
+    fig = go.Figure()
+    s = [r["effective_sparsity"] for r in records]
+    fig.add_trace(
+        go.Scatter(
+            x=s,
+            y=[math.log(r["ppl"]) for r in records],
+            mode="markers",
+            name="measured",
+            marker=dict(size=10),
+        )
+    )
+    xs = np.linspace(0.0, max(s), 50)
+    fig.add_trace(
+        go.Scatter(
+            x=xs,
+            y=math.log(ppl0) / (1.0 - xs),
+            mode="lines",
+            name="ln PPL0 / (1 - s)",
+            line=dict(color="black"),
+        )
+    )
+    if table is not None and any(r.dataset == PPL for r in table.rows):
+        fit = table.row(PPL).fit
+        ys = fit.a * xs + fit.b
+        fig.add_trace(
+            go.Scatter(
+                x=xs[ys > 0], y=math.log(ppl0) / ys[ys > 0], mode="lines", name="ln PPL0 / (a s + b), our fit"
+            )
+        )
+    for est, preds in entropy_predictions(results).items():
+        fig.add_trace(
+            go.Scatter(
+                x=[p.effective_sparsity for p in preds],
+                y=[p.ln_ppl_predicted for p in preds],
+                mode="markers+lines",
+                name=f"ln PPL0 / (H'/H), {est}",
+                line=dict(dash="dot"),
+            )
+        )
+    fig.update_layout(
+        title="ln PPL: measured and predicted", xaxis_title="effective sparsity s", yaxis_title="ln PPL"
+    )
+    return fig
+
+
+def _round(values: np.ndarray) -> list[float]:
+    return [float(f"{v:.{SIG_DIGITS}g}") for v in values]
+
+
+def descending(eigenvalues: Sequence[float]) -> np.ndarray:
+    """Eigenvalues sorted descending, in float64, with negatives (round-off of a PSD matrix) set to 0."""
+    return np.sort(np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None))[::-1]
+
+
+def kept_fraction(eigenvalues: Sequence[float], d_prime: int) -> float:
+    """Share of the second-moment mass in the top d' eigenvalues (negatives from round-off count as 0)."""
+    lam = descending(eigenvalues)
+    total = lam.sum()
+    return float(lam[:d_prime].sum() / total) if total > 0 else math.nan
+
+
+def spectra_figures(
+    spectra: Sequence[tuple[dict[str, Any], list[dict[str, Any]]]],
+) -> tuple[go.Figure, go.Figure]:
+    """Kept share of eigenvalue mass per rotation (a curve per sparsity), and the full normalised spectra of
+    every rotation with a menu to pick the sparsity; the dotted line marks d'."""
+    kept = go.Figure()
+    full = go.Figure()
+    buttons, visible_sets = [], []
+    for rec, rotations in spectra:
+        label = s_label(rec)
+        kept.add_trace(
+            go.Scatter(
+                x=[r["name"] for r in rotations],
+                y=[kept_fraction(r["eigenvalues"], rec["d_prime"]) for r in rotations],
+                mode="lines+markers",
+                name=f"{label}, d'={rec['d_prime']}",
+                line=dict(color=sparsity_color(rec)),
+            )
+        )
+        start = len(full.data)
+        shades = sample_colorscale(
+            "Viridis", [0.9 * i / max(len(rotations) - 1, 1) for i in range(len(rotations))]
+        )
+        for r, shade in zip(rotations, shades, strict=True):
+            lam = descending(r["eigenvalues"])
+            share = lam / lam.sum() if lam.sum() > 0 else lam
+            full.add_trace(
+                go.Scatter(
+                    x=list(range(1, len(lam) + 1)),
+                    y=_round(share),
+                    mode="lines",
+                    name=r["name"],
+                    line=dict(color=shade, width=1),
+                    visible=not buttons,
+                )
+            )
+        visible_sets.append((start, len(full.data), rec["d_prime"]))
+        buttons.append(label)
+    n = len(full.data)
+    menu = [
+        dict(
+            label=label,
+            method="update",
+            args=[
+                {"visible": [lo <= i < hi for i in range(n)]},
+                {
+                    "shapes": [_d_prime_line(d_prime)],
+                    "title.text": f"Eigenvalue spectra per rotation ({label})",
+                },
+            ],
+        )
+        for label, (lo, hi, d_prime) in zip(buttons, visible_sets, strict=True)
+    ]
+    full.update_layout(
+        title=f"Eigenvalue spectra per rotation ({buttons[0]})",
+        xaxis_title="eigenvalue index (descending)",
+        yaxis=dict(title="λ_i / Σλ", type="log"),
+        shapes=[_d_prime_line(visible_sets[0][2])],
+        updatemenus=[dict(buttons=menu, x=1.0, y=1.15, xanchor="right")] if len(menu) > 1 else [],
+    )
+    kept.update_layout(
+        title="Share of eigenvalue mass kept by the top d' directions, per rotation",
+        xaxis_title="rotation (in network order)",
+        yaxis_title="Σ_{i≤d'} λ_i / Σ λ",
+    )
+    return kept, full
+
+
+def _d_prime_line(d_prime: int) -> dict[str, Any]:
+    return dict(
+        type="line", x0=d_prime, x1=d_prime, y0=0, y1=1, yref="paper", line=dict(dash="dot", color="grey")
+    )
+
+
+def shift_overall(rec: dict[str, Any]) -> dict[str, Any] | None:
+    """The record's whole-sequence output-shift metrics, or None when it has none."""
+    shift = rec.get("shift")
+    if not isinstance(shift, dict):
+        return None
+    return shift.get("overall", shift)  # a flattened record, or ShiftResult.to_dict() as it is
+
+
+def shift_figure(records: Sequence[dict[str, Any]]) -> go.Figure:
+    """KL, JS and top-1 agreement of the sliced model's next-token distribution against the dense one's."""
+    fig = make_subplots(rows=1, cols=len(SHIFT_PANELS), subplot_titles=[t for _, t in SHIFT_PANELS])
+    for col, (key, _) in enumerate(SHIFT_PANELS, start=1):
+        pts = [(r["effective_sparsity"], shift_overall(r).get(key)) for r in records]
+        pts = [p for p in pts if p[1] is not None]
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=key, showlegend=False
+            ),
+            row=1,
+            col=col,
+        )
+        fig.update_xaxes(title_text="effective sparsity s", row=1, col=col)
+    fig.update_layout(title="Output-distribution shift vs sparsity")
+    return fig
+
+
+def shift_bucket_figure(records: Sequence[dict[str, Any]]) -> go.Figure | None:
+    """KL per position bucket, one curve per sparsity; None when no record has buckets."""
+    fig = go.Figure()
+    for rec in records:
+        buckets = (rec.get("shift") or {}).get("buckets") or []
+        pts = [
+            (f"{b['lo']}–{'' if b.get('hi') is None else b['hi']}", (b.get("stats") or b).get("kl"))
+            for b in buckets
+            if isinstance(b, dict) and "lo" in b
+        ]
+        pts = [p for p in pts if p[1] is not None]
+        if pts:
+            fig.add_trace(
+                go.Scatter(
+                    x=[p[0] for p in pts],
+                    y=[p[1] for p in pts],
+                    mode="lines+markers",
+                    name=s_label(rec),
+                    line=dict(color=sparsity_color(rec)),
+                )
+            )
+    if not fig.data:
+        return None
+    fig.update_layout(title="KL per token-position bucket", xaxis_title="positions", yaxis_title="KL (nats)")
+    return fig

@@ -1,0 +1,195 @@
+"""The report's plain-language findings, generated from the fitted numbers: Prop. 2, Prop. 3 per task, the
+entropy prediction, and the quick-profile warning; with the number formats the report's tables share."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from analyses.laws import PAPER_DATASETS, PAPER_TABLE3, PPL, FitTable, dense_record, entropy_predictions
+
+PAPER_SHORT = {"Llama-3-8B-Instruct": "Llama-3", "Phi-3-mini-4k-Instruct": "Phi-3"}
+# Accuracy of a uniform guess, 1 / number of choices (ARC has a few 3- and 5-choice questions; 4 is the rule).
+CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "piqa": 0.5, "winogrande": 0.5}
+# acc0 closer than this to chance leaves ln(acc/acc0) little room to fall (at most ln(chance/acc0)).
+NEAR_CHANCE = 0.05
+# A slope interval wider than +-0.25 cannot tell the paper's two models apart (a = -1.08 and -0.90) nor either
+# from -1 by more than its own width, so the summary calls it inconclusive instead of "holds".
+DECISIVE_HALF_WIDTH = 0.25
+STDERR_KEYS = {"acc": "stderr", "acc_norm": "acc_norm_stderr"}
+
+
+def fmt(x: float | None, spec: str = ".3f") -> str:
+    """`x` in format `spec`, or a dash when it was not measured."""
+    return "–" if x is None else format(x, spec)
+
+
+def ci_text(ci: tuple[float, float] | None) -> str:
+    """A 95% interval as [lo, hi] with signs, or a dash when there is none."""
+    return "–" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def sparsity_count(n: int) -> str:
+    """ "1 sparsity" or "n sparsities"."""
+    return f"{n} sparsity" if n == 1 else f"{n} sparsities"
+
+
+def task_label(task: str) -> str:
+    """The paper's name for a task where it has one, else the task key."""
+    return PAPER_DATASETS.get(task, task)
+
+
+def _prop2_summary(table: FitTable) -> str:
+    row = table.row(PPL)
+    f = row.fit
+    text = (
+        f"Perplexity law (Prop. 2, y = ln PPL0 / ln PPL): our fit is y = {f.a:+.3f}·s {f.b:+.3f} "
+        f"(RMSE {f.rmse:.3f}, R² {fmt(f.r2)}, {f.n} points, PPL0 = {fmt(table.ppl0, '.3g')}). "
+    )
+    if f.a_ci is None or f.b_ci is None:
+        text += "With two points there are no confidence intervals, so the paper's line cannot be tested. "
+    elif (f.a_ci[1] - f.a_ci[0]) / 2 > DECISIVE_HALF_WIDTH:
+        text += (
+            f"Our 95% interval on a, {ci_text(f.a_ci)}, is too wide to confirm or reject the paper's slope -1 "
+            "(more sparsities or more evaluation tokens would narrow it). "
+        )
+    elif f.a_ci[0] <= -1.0 <= f.a_ci[1] and f.b_ci[0] <= 1.0 <= f.b_ci[1]:
+        text += f"The paper's y = 1 - s lies inside our 95% intervals (a {ci_text(f.a_ci)}, b {ci_text(f.b_ci)}): Prop. 2 holds here. "
+    else:
+        text += (
+            f"The paper's y = 1 - s lies outside our 95% intervals (a {ci_text(f.a_ci)}, b {ci_text(f.b_ci)}): "
+            "Prop. 2 does not hold exactly here. "
+        )
+    text += f"Read literally, y = 1 - s misses our points by RMSE {fmt(row.literal_rmse)}. "
+    paper = row.paper
+    slopes = sorted(p.a for p in paper.values())
+    if slopes:
+        where = (
+            "steeper than both"
+            if f.a < slopes[0]
+            else "shallower than both"
+            if f.a > slopes[-1]
+            else "between them"
+        )
+        listed = "; ".join(
+            f"{PAPER_SHORT[m]} a = {p.a:+.2f}, b = {p.b:.2f}, RMSE {p.rmse:.2f}" for m, p in paper.items()
+        )
+        text += f"Table 3 has {listed}; our slope is {where}."
+    return text
+
+
+def _resolved(results: dict[str, Any], task: str, acc_key: str) -> bool | None:
+    """Does any sliced accuracy differ from acc0 by more than two combined standard errors? None: no stderr."""
+    dense = dense_record(results)
+    key = STDERR_KEYS[acc_key]
+    m0 = dense.get("tasks", {}).get(task, {})
+    if m0.get(key) is None:
+        return None
+    zs = []
+    for rec in results["records"]:
+        m = rec.get("tasks", {}).get(task, {})
+        if rec is dense or m.get(acc_key) is None or m.get(key) is None:
+            continue
+        se = math.hypot(m[key], m0[key])
+        zs.append(abs(m[acc_key] - m0[acc_key]) / se if se > 0 else math.inf)
+    return None if not zs else max(zs) > 2.0
+
+
+def _prop3_summary(table: FitTable, task: str, results: dict[str, Any]) -> str:
+    f = table.row(task).fit
+    interval = "" if f.a_ci is None else f" {ci_text(f.a_ci)}"
+    text = f"{task_label(task)}: a = {f.a:+.3f}{interval}, b = {f.b:+.3f}, RMSE {f.rmse:.3f}, R² {fmt(f.r2)}"
+    paper = PAPER_TABLE3.get(task, {})
+    if paper:
+        text += " (Table 3: " + ", ".join(f"{PAPER_SHORT[m]} a = {p.a:+.2f}" for m, p in paper.items()) + ")"
+    text += ". "
+    if f.a_ci is None:
+        text += "Two points: no interval on the slope. "
+    elif f.a_ci[1] < 0.0:
+        text += "Accuracy falls with s, as Prop. 3 says. "
+    elif f.a_ci[0] > 0.0:
+        text += "Accuracy rises with s, against Prop. 3. "
+    else:
+        text += "The slope's interval includes 0: no significant trend. "
+    acc0, chance = table.acc0s.get(task), CHANCE.get(task)
+    if acc0 is not None and chance is not None:
+        text += f"acc0 = {acc0:.3f} against chance {chance:.2f}. "
+        if acc0 <= chance:
+            text += "The dense model is already at or below chance, so this slope carries no signal. "
+        elif acc0 - chance < NEAR_CHANCE:
+            text += (
+                f"That is close to chance: ln(acc/acc0) can fall by at most ln(chance/acc0) = "
+                f"{math.log(chance / acc0):+.3f} before the model is guessing, so this slope carries little signal. "
+            )
+    if _resolved(results, task, table.acc_key) is False:
+        text += "No accuracy change exceeds two standard errors of the item sample. "
+    return text.rstrip()
+
+
+def _entropy_summary(results: dict[str, Any]) -> list[str]:
+    """Per estimator: how far ln PPL0 / (H'/H) lands from the measured ln PPL, beside ln PPL0 / (1 - s)."""
+    lines = []
+    for estimator, preds in entropy_predictions(results).items():
+        sliced = [p for p in preds if p.effective_sparsity > 0.0]
+        if not sliced:
+            continue
+        abs_err = float(np.mean([p.abs_error for p in sliced]))
+        rel_err = float(np.mean([p.rel_error for p in sliced]))
+        # ln PPL0 = predicted * ratio, so the literal law's prediction at the same points is that / (1 - s).
+        literal = [
+            abs(p.ln_ppl_predicted * p.ratio / (1.0 - p.effective_sparsity) - p.ln_ppl_measured)
+            / p.ln_ppl_measured
+            for p in sliced
+        ]
+        lines.append(
+            f"From internals ({estimator} entropy): ln PPL = ln PPL0 / (H'/H) misses the measured ln PPL by "
+            f"{abs_err:.3f} nats on average ({rel_err:.1%}) over {sparsity_count(len(sliced))}; the same law with "
+            f"1 - s in place of H'/H misses by {float(np.mean(literal)):.1%}."
+        )
+    return lines
+
+
+def quick_note(settings: dict[str, Any]) -> str | None:
+    """The warning that a quick-profile sweep is a smoke test, with its sizes; None for a full sweep."""
+    if not settings.get("quick"):
+        return None
+    sizes = [
+        f"{settings[k]} {what}"
+        for k, what in (
+            ("calib_samples", "calibration windows"),
+            ("calib_seqlen", "tokens per window"),
+            ("ppl_max_tokens", "perplexity tokens at most"),
+            ("mc_limit", "items per task at most"),
+            ("probe_tokens", "tokens for entropy and shift"),
+        )
+        if settings.get(k) is not None
+    ]
+    detail = f" ({', '.join(sizes)})" if sizes else ""
+    return (
+        f"This is the quick profile{detail}: small calibration, few tokens and items. It checks that the "
+        "pipeline runs end to end; it is not a result to quote."
+    )
+
+
+def summary(results: dict[str, Any], table: FitTable | None, fit_error: str | None) -> list[str]:
+    """Plain-language findings, generated from the numbers: Prop. 2, Prop. 3 per task, entropy prediction.
+
+    The quick-profile warning (`quick_note`) is not among them: the page shows it as a banner above them.
+    """
+    if table is None:
+        return [f"No law could be fitted: {fit_error}"]
+    lines = []
+    fitted = {r.dataset for r in table.rows}
+    if PPL in fitted:
+        lines.append(_prop2_summary(table))
+    else:
+        lines.append(f"Perplexity law not fitted: {table.skipped.get(PPL, 'no perplexity recorded')}")
+    tasks = [r.dataset for r in table.rows if r.metric == "accuracy"]
+    if tasks:
+        lines.append(f"Accuracy law (Prop. 3, y = ln(acc/acc0), {table.acc_key}):")
+        lines += [_prop3_summary(table, t, results) for t in tasks]
+    lines += [f"{name} not fitted: {why}" for name, why in table.skipped.items() if name != PPL]
+    lines += _entropy_summary(results)
+    return lines
