@@ -11,27 +11,18 @@ import plotly.graph_objects as go
 from jaxtyping import Float
 
 from analyses.layer_entropy import EntropySweep
+from analyses.layer_plots import layer_curves, spectrum_lines
 
 
 def entropy_curves(sweep: EntropySweep, estimator: str) -> go.Figure:
     """H(E'_out)/H(E_out) per layer, one line per sparsity, each with its 1-s = d'/d as a dashed line."""
-    fig = go.Figure()
+    curves, levels = {}, {}
     for result in sweep.results:
-        layers = [int(layer.layer) for layer in result.summary.layers]
-        ratios = [layer.estimators[estimator].ratio for layer in result.summary.layers]
-        name = f"s={result.sparsity:g}"
-        fig.add_trace(go.Scatter(x=layers, y=ratios, mode="lines+markers", name=name, legendgroup=name))
-        one_minus_s = result.summary.layers[0].one_minus_s
-        fig.add_trace(
-            go.Scatter(
-                x=[layers[0], layers[-1]],
-                y=[one_minus_s, one_minus_s],
-                mode="lines",
-                line={"dash": "dash"},
-                name=f"1-s={one_minus_s:.3f}",
-                legendgroup=name,
-            )
-        )
+        name, one_minus_s = f"s={result.sparsity:g}", result.summary.layers[0].one_minus_s
+        curves[name] = [layer.estimators[estimator].ratio for layer in result.summary.layers]
+        levels[name] = (f"1-s={one_minus_s:.3f}", one_minus_s)
+    layers = [int(layer.layer) for layer in sweep.results[0].summary.layers] if sweep.results else []
+    fig = layer_curves(curves, layers, levels=levels)
     fig.update_layout(
         title=f"Residual-stream entropy ratio per layer ({estimator} estimator, {sweep.rotation} slicing)",
         xaxis_title="layer",
@@ -42,10 +33,8 @@ def entropy_curves(sweep: EntropySweep, estimator: str) -> go.Figure:
 
 def eigenvalue_spectra(spectra: Mapping[int, Float[np.ndarray, " d"]], every: int = 1) -> go.Figure:
     """Covariance eigenvalues of E_out (descending, log scale) against their index, one line per layer."""
-    fig = go.Figure()
-    for layer in sorted(spectra)[::every]:
-        lam = np.asarray(spectra[layer])
-        fig.add_trace(go.Scatter(x=np.arange(1, lam.size + 1), y=lam, mode="lines", name=f"layer {layer}"))
+    layers = sorted(spectra)[::every]
+    fig = go.Figure(spectrum_lines({f"layer {layer}": np.asarray(spectra[layer]) for layer in layers}))
     fig.update_layout(
         title="Eigenvalue spectrum of the residual stream E_out per layer",
         xaxis_title="index (descending)",

@@ -17,6 +17,7 @@ from plotly.subplots import make_subplots
 
 from analyses.fits import LineFit
 from analyses.laws import PAPER_TABLE3, PPL, FitTable, dense_record, entropy_predictions
+from analyses.layer_plots import layer_curves, spectrum_lines
 from analyses.report_text import PAPER_SHORT, STDERR_KEYS, task_label
 
 SHIFT_PANELS = (
@@ -153,7 +154,7 @@ def entropy_stats(records: Sequence[dict[str, Any]], estimator: str) -> list[dic
 def entropy_figures(records: Sequence[dict[str, Any]], estimator: str) -> tuple[go.Figure, go.Figure]:
     """Per-layer entropy H_l (one curve per sparsity, the dense one in black) and per-layer H'_l/H_l with its
     1 - s as a dashed line."""
-    curves, ratios = go.Figure(), go.Figure()
+    curves = go.Figure()
     dense = next(
         (st["per_layer_dense"] for st in entropy_stats(records, estimator) if st.get("per_layer_dense")), None
     )
@@ -163,6 +164,7 @@ def entropy_figures(records: Sequence[dict[str, Any]], estimator: str) -> tuple[
                 x=list(range(len(dense))), y=dense, mode="lines", name="dense", line=dict(color="black")
             )
         )
+    ratio_curves, colors, levels = {}, {}, {}
     for rec in records:
         stats = (rec.get("entropy") or {}).get(estimator)
         if not stats:
@@ -176,28 +178,10 @@ def entropy_figures(records: Sequence[dict[str, Any]], estimator: str) -> tuple[
                 )
             )
         if stats.get("ratio_per_layer"):
-            r = stats["ratio_per_layer"]
-            ratios.add_trace(
-                go.Scatter(
-                    x=list(range(len(r))),
-                    y=r,
-                    mode="lines+markers",
-                    name=label,
-                    line=dict(color=color),
-                    legendgroup=label,
-                )
-            )
-            ratios.add_trace(
-                go.Scatter(
-                    x=[0, len(r) - 1],
-                    y=[1.0 - rec["effective_sparsity"]] * 2,
-                    mode="lines",
-                    name=f"1 - s ({label})",
-                    line=dict(color=color, dash="dash", width=1),
-                    legendgroup=label,
-                    showlegend=False,
-                )
-            )
+            ratio_curves[label] = stats["ratio_per_layer"]
+            colors[label] = color
+            levels[label] = (f"1 - s ({label})", 1.0 - rec["effective_sparsity"])
+    ratios = layer_curves(ratio_curves, colors=colors, levels=levels)
     curves.update_layout(
         title=f"Residual-stream entropy per layer ({estimator}, nats per token vector)",
         xaxis_title="layer",
@@ -319,19 +303,13 @@ def spectra_figures(
         shades = sample_colorscale(
             "Viridis", [0.9 * i / max(len(rotations) - 1, 1) for i in range(len(rotations))]
         )
-        for r, shade in zip(rotations, shades, strict=True):
+        shares = {}
+        for r in rotations:
             lam = descending(r["eigenvalues"])
-            share = lam / lam.sum() if lam.sum() > 0 else lam
-            full.add_trace(
-                go.Scatter(
-                    x=list(range(1, len(lam) + 1)),
-                    y=_round(share),
-                    mode="lines",
-                    name=r["name"],
-                    line=dict(color=shade, width=1),
-                    visible=not buttons,
-                )
-            )
+            shares[r["name"]] = _round(lam / lam.sum() if lam.sum() > 0 else lam)
+        for trace in spectrum_lines(shares, shades):
+            trace.visible = not buttons
+            full.add_trace(trace)
         visible_sets.append((start, len(full.data), rec["d_prime"]))
         buttons.append(label)
     n = len(full.data)
