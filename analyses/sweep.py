@@ -74,7 +74,7 @@ QUICK = SweepSettings(
     ppl_max_tokens=4096,
     mc_limit=10,
     estimators=("gaussian", "marginal"),
-    probe_tokens=512,
+    probe_tokens=1024,  # the Gaussian estimator needs more tokens than d (576 for the embedded model)
     quick=True,
 )
 

@@ -23,8 +23,9 @@ NOTEBOOKS = [
     )
 ]
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
-# Per notebook; the small budget takes about a minute each on two idle cores, so this only catches a hang.
-CELL_TIMEOUT_S = 600
+# Per cell: a hang detector, not a speed target. Notebook 03's sweep cell took over 600 s on two cores shared
+# with other heavy jobs (its eigendecompositions slow down most under contention), a few minutes when idle.
+CELL_TIMEOUT_S = 1800
 
 
 def test_every_committed_notebook_is_executed_here() -> None:

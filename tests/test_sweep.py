@@ -132,7 +132,7 @@ def test_quick_sweep_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
         "--calib-samples",
         "4",
         "--probe-tokens",
-        "512",
+        "1024",
         "--out",
         str(tmp_path),
         "--json",
