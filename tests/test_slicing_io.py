@@ -114,9 +114,9 @@ def test_real_model_cli_slice_then_load(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert (summary["d"], summary["d_prime"]) == (576, 400)  # floor(403.2 / 8) * 8
     assert summary["calibration"] == {
-        "n_samples": 4,
-        "seqlen": 256,
-        "tokens": 1024,
+        "n_samples": 2,
+        "seqlen": 128,
+        "tokens": 256,
         "corpus": "wiki",
         "split": "train",
         "seed": 42,
