@@ -35,6 +35,14 @@ def tiny_llama_config(**overrides: object) -> LlamaConfig:
     return LlamaConfig(**{**base, **overrides})
 
 
+@torch.no_grad()
+def randomize_norms(model: torch.nn.Module, biases: bool = False) -> None:
+    """Norm weights (and biases, if asked) drawn around 1, not HF's all-ones init, so fusion has work to do."""
+    for name, p in model.named_parameters():
+        if "norm" in name or (biases and name.endswith("bias")):
+            p.copy_(1 + 0.3 * torch.randn_like(p))
+
+
 @pytest.fixture
 def tiny_llama() -> LlamaForCausalLM:
     """A seeded random tiny Llama in eval mode."""

@@ -39,6 +39,7 @@ from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel, load_model
 from mechslice.slicing import fuse_norms, save_sliced, slice_model
 from mechslice.slicing.layers import ShortcutBlock
+from tests.conftest import randomize_norms
 
 VOCAB, D, WINDOW = 256, 64, 4
 # Logits are O(1) after a few d = 64 fp32 dot products: reordering the sums (fusion, a rotation by an orthogonal
@@ -113,10 +114,7 @@ def model_from(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
     """A seeded random model; norm weights and biases (which HF initialises to 1 and 0) randomised too."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
+    randomize_norms(model, biases=True)
     return model
 
 

@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from mechslice import distributed
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel, load_model
+from tests.conftest import randomize_norms
 
 VOCAB = 49152  # the embedded tokenizer's, so real text (the MC items, the calibration corpus) fits the model
 CALIB_SEED, IDS_SEED, EVAL_SEED = 1, 2, 3
@@ -57,10 +58,7 @@ def _tiny_folder(folder: Path) -> Path:
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
+    randomize_norms(model)
     model.save_pretrained(folder)
     load_model(device="cpu").tokenizer.save_pretrained(folder)
     return folder

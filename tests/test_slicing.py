@@ -22,6 +22,7 @@ from mechslice.loading import LoadedModel, load_model
 from mechslice.slicing import Slicer, fuse_norms, slice_model, sliced_width
 from mechslice.slicing.calibration import SecondMoment, pca
 from mechslice.slicing.layers import ShortcutBlock
+from tests.conftest import randomize_norms
 
 D, VOCAB = 64, 128
 # fp32 logits of O(1) after a handful of d=64 dot products: rounding differences stay ~1e-6; 1e-4 leaves margin
@@ -47,10 +48,7 @@ def random_lm(tokenizer, n_layers: int = 2, seed: int = 0) -> LoadedModel:
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
+    randomize_norms(model)
     return LoadedModel(model, tokenizer, adapter_for(config), "random", "random")
 
 
@@ -173,10 +171,7 @@ def test_other_families_rotate_invariantly_and_slice(tokenizer, config_class, mo
     )
     torch.manual_seed(0)
     model = model_class(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "bias" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
+    randomize_norms(model, biases=True)
     lm = LoadedModel(model, tokenizer, adapter_for(config), "random", "random")
     before = logits(lm)
     slice_model(lm, 0.0, CALIB, rotation=rotation, progress=False)
