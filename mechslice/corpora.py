@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -72,6 +73,12 @@ def eval_windows(
     if max_tokens is not None:
         if max_tokens < seqlen:
             raise MechsliceError(f"--max-tokens {max_tokens} is smaller than one window of {seqlen} tokens")
+        if max_tokens > ids.numel():
+            warnings.warn(
+                f"--max-tokens {max_tokens} exceeds the split's {ids.numel()} tokens; evaluating the whole split",
+                UserWarning,
+                stacklevel=2,
+            )
         ids = ids[:max_tokens]
     n_windows = ids.numel() // seqlen
     if n_windows == 0:

@@ -76,3 +76,9 @@ def test_windows_bad_lengths() -> None:
         eval_windows(torch.arange(100), 32, max_tokens=16)
     with pytest.raises(MechsliceError, match="fewer than one window"):
         eval_windows(torch.arange(10), 32)
+
+
+def test_eval_windows_warn_when_max_tokens_exceeds_the_split() -> None:
+    with pytest.warns(UserWarning, match="exceeds the split's 100 tokens"):
+        windows = eval_windows(torch.arange(100), 32, max_tokens=1000)
+    assert windows.shape == (3, 32)

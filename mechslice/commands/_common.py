@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from mechslice import distributed
 from mechslice.loading import DEFAULT_MODEL, LoadedModel, default_device, load_model
 
 
@@ -25,6 +26,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_json_arg(parser: argparse.ArgumentParser) -> None:
     """`--json`: print one JSON object on stdout instead of text."""
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars on stderr, unless `--json` asks for clean output or this is not rank 0 under torchrun."""
+    return not args.json and distributed.is_main()
 
 
 def model_from_args(args: argparse.Namespace) -> LoadedModel:

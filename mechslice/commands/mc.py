@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mechslice.commands._common import add_model_args, emit, model_from_args
+from mechslice.commands._common import add_model_args, emit, model_from_args, show_progress
 from mechslice.mc import DEFAULT_SPLITS, evaluate_mc
 from mechslice.mc.tasks import check_limit, task_spec
 
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         split=args.split,
         data=args.data,
-        progress=not args.json,
+        progress=show_progress(args),
     )
     emit(args, {"model": loaded.name, **result.to_json()}, _text)
     return 0

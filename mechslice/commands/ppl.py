@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mechslice.commands._common import add_model_args, emit, model_from_args
+from mechslice.commands._common import add_model_args, emit, model_from_args, show_progress
 from mechslice.corpora import corpus_tokens, eval_windows
 from mechslice.errors import MechsliceError
 from mechslice.perplexity import evaluate_perplexity
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if not 2 <= args.seqlen <= context:
         raise MechsliceError(f"--seqlen {args.seqlen} must lie in [2, {context}] (the model's context)")
     windows = eval_windows(corpus_tokens(lm.tokenizer, args.corpus, args.split), args.seqlen, args.max_tokens)
-    result = evaluate_perplexity(lm.model, windows, batch_size=args.batch_size, progress=not args.json)
+    result = evaluate_perplexity(lm.model, windows, batch_size=args.batch_size, progress=show_progress(args))
     payload = {
         "model": lm.name,
         "corpus": args.corpus,

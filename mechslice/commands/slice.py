@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mechslice import distributed
-from mechslice.commands._common import add_model_args, emit, model_from_args
+from mechslice.commands._common import add_model_args, emit, model_from_args, show_progress
 from mechslice.corpora import calibration_windows
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel, load_model
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     record = slice_model(
-        lm, args.sparsity, calib, args.rotation, args.round_to, args.batch_size, progress=not args.json
+        lm, args.sparsity, calib, args.rotation, args.round_to, args.batch_size, progress=show_progress(args)
     )
     record.calibration.update(corpus=args.calib_corpus, split="train", seed=CALIBRATION_SEED)
     seconds = time.perf_counter() - start

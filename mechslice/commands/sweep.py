@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mechslice.commands._common import add_model_args, emit
+from mechslice.commands._common import add_model_args, emit, show_progress
 from mechslice.errors import MechsliceError
 
 
@@ -57,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     if args.shared:
         overrides["path"] = "shared"
     settings = settings_from(QUICK if args.quick else SweepSettings(), **overrides)
-    results = run_sweep(settings, args.out, args.model, args.device, args.resume, progress=not args.json)
+    results = run_sweep(
+        settings, args.out, args.model, args.device, args.resume, progress=show_progress(args)
+    )
     payload: dict[str, Any] = {"out": str(args.out), "records": len(results["records"])}
     if not args.no_report:
         payload.update(_fit_and_report(args.out))
