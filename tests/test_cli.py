@@ -14,8 +14,9 @@ from mechslice.cli import main
 
 @pytest.mark.slow
 def test_info_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["info", "--json"]) == 0
+    assert main(["info", "--dtype", "bfloat16", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
+    assert info["dtype"] == "bfloat16"
     assert info["d"] == 576 and info["layers"] == 30 and info["kv_heads"] == 3
     assert all(row["matches"] for row in info["weights"])
     assert {row["symbol"] for row in info["weights"]} >= {

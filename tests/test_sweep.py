@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -100,9 +101,32 @@ def test_resume_refuses_another_model(tiny_folder: Path, corpus: str, tmp_path: 
         run_sweep(settings, tmp_path, str(tiny_folder), "cpu", resume=True, progress=False)
 
 
+def test_dtype_setting_runs_and_old_files_resume(tiny_folder: Path, corpus: str, tmp_path: Path) -> None:
+    def sweep(out: str, resume: bool = False, **kw: object) -> list[dict]:
+        settings = _settings(corpus, **kw)
+        return run_sweep(settings, tmp_path / out, str(tiny_folder), "cpu", resume, False, lambda _: None)[
+            "records"
+        ]
+
+    fp32 = sweep("fp32", sparsities=(0.0,))
+    bf16 = sweep("bf16", sparsities=(0.0, 0.5), dtype="bfloat16")
+    # bfloat16 weights (8 mantissa bits) move a random model's perplexity a little, never exactly nothing
+    assert bf16[0]["ppl"] != fp32[0]["ppl"] and bf16[0]["ppl"] == pytest.approx(fp32[0]["ppl"], rel=0.05)
+    assert bf16[1]["d_prime"] == 32 and math.isfinite(bf16[1]["ppl"])
+    results = json.loads((tmp_path / "fp32" / RESULTS).read_text())
+    assert results["settings"]["dtype"] == "float32"
+    # a file written before the dtype setting existed was made in float32, the default: it resumes as such
+    del results["settings"]["dtype"]
+    (tmp_path / "fp32" / RESULTS).write_text(json.dumps(results))
+    with pytest.raises(MechsliceError, match=r"other settings \(dtype\)"):
+        sweep("fp32", resume=True, sparsities=(0.0,), dtype="bfloat16")
+    assert sweep("fp32", resume=True, sparsities=(0.0,)) == fp32
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        ({"dtype": "float8"}, "unknown dtype"),
         ({"sparsities": ()}, "empty"),
         ({"sparsities": (0.2, 0.1)}, "strictly increasing"),
         ({"sparsities": (0.0, 1.0)}, r"lie in \[0, 1\)"),

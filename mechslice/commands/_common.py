@@ -8,18 +8,21 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from mechslice import distributed
-from mechslice.loading import DEFAULT_MODEL, LoadedModel, default_device, load_model
+from mechslice.loading import DEFAULT_MODEL, DTYPES, LoadedModel, default_device, load_model
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """`--model`, `--device` and `--json`, the options every command shares."""
+    """`--model`, `--device`, `--dtype` and `--json`, the options every command shares."""
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"model name, GGUF file or folder ({DEFAULT_MODEL})"
     )
     parser.add_argument(
         "--device", default=None, help="torch device (default: cuda when available, else cpu)"
     )
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="weight dtype (default float32)")
     add_json_arg(parser)
 
 
@@ -34,8 +37,13 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 
 def model_from_args(args: argparse.Namespace) -> LoadedModel:
-    """Load the model named by `--model` on `--device`."""
-    return load_model(args.model, device=args.device or default_device())
+    """Load the model named by `--model` on `--device` in `--dtype`."""
+    return load_model(args.model, device=args.device or default_device(), dtype=dtype_from_args(args))
+
+
+def dtype_from_args(args: argparse.Namespace) -> torch.dtype:
+    """The torch dtype `--dtype` names (float32 when not given)."""
+    return DTYPES[args.dtype or "float32"]
 
 
 def emit(args: argparse.Namespace, payload: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> None:

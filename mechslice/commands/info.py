@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
         "model": lm.name,
         "source": lm.source,
         "architecture": lm.adapter.model_type,
+        "dtype": str(lm.model.dtype).removeprefix("torch."),
         "d": dims.d,
         "layers": dims.n_layers,
         "heads": dims.h_attn,
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _text(p: dict[str, Any]) -> str:
     lines = [
-        f"{p['model']} ({p['architecture']}) from {p['source']}",
+        f"{p['model']} ({p['architecture']}, {p['dtype']}) from {p['source']}",
         f"  d={p['d']}  layers={p['layers']}  h_attn={p['heads']}  v={p['kv_heads']}  h_dim={p['head_dim']}"
         f"  m={p['d_mlp']}  vocab={p['vocab']}  parameters={p['parameters']:,}  tied={p['tied_embeddings']}",
         "",

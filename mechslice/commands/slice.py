@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from mechslice import distributed
-from mechslice.commands._common import add_model_args, emit, model_from_args, show_progress
+from mechslice.commands._common import (
+    add_model_args,
+    dtype_from_args,
+    emit,
+    model_from_args,
+    show_progress,
+)
 from mechslice.corpora import calibration_windows
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel, load_model
@@ -92,7 +98,7 @@ def _model(args: argparse.Namespace) -> LoadedModel:
             device_map = json.loads(Path(args.device_map).read_text())
         except (OSError, ValueError) as err:
             raise MechsliceError(f"cannot read the device map '{args.device_map}': {err}") from err
-    return load_model(args.model, device_map=device_map)
+    return load_model(args.model, dtype=dtype_from_args(args), device_map=device_map)
 
 
 def _text(p: dict[str, Any]) -> str:
