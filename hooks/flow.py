@@ -39,7 +39,6 @@ second-moment matrix for the stages named in `moments`; raw rows only for the st
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformers.activations import ACT2FN
 
+from hooks.allocator import pin_mmap_threshold
 from hooks.stats import RunningMoments
 
 
@@ -93,7 +93,6 @@ STAGES: tuple[Stage, ...] = (
 )
 STAGE_BY_KEY: dict[str, Stage] = {s.key: s for s in STAGES}
 _PATTERN_HOOK = "attn.hook_pattern"
-_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 
 
 def rows(hook: str, x: Tensor) -> Tensor:
@@ -138,21 +137,6 @@ def resolve_stages(bridge: Any, names: Iterable[str] | None) -> tuple[Stage, ...
             )
         stages.append(Stage(name, name, name))
     return tuple(stages)
-
-
-def pin_mmap_threshold(nbytes: int = 1 << 20) -> None:
-    """Make glibc serve every allocation over `nbytes` with mmap and return it to the OS on free.
-
-    By default glibc raises its mmap threshold each time a large block is freed, so the multi-MB activations
-    of one forward pass end up in the heap and fragment it: the peak RSS of a traced forward then grows with
-    the number of hooked layers (measured: 2.0 GB instead of 1.0 GB for ten fully traced SmolLM2 layers on
-    4x512 tokens). Pinning the threshold (process-wide, once) keeps tracing memory flat. No-op off glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, nbytes)
 
 
 def _activation(bridge: Any) -> Callable[[Tensor], Tensor]:

@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from hooks.allocator import pin_mmap_threshold
 from mechslice import distributed
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel
@@ -266,6 +267,7 @@ class Slicer:
         progress: bool = True,
     ) -> None:
         _check_input(lm, calib, rotation, batch_size)
+        pin_mmap_threshold()  # keeps the calibration's peak memory flat over the layers (see its docstring)
         self.lm, self.rotation = lm, rotation
         self.calibration = {"n_samples": calib.shape[0], "seqlen": calib.shape[1], "tokens": calib.numel()}
         fuse_norms(lm)
@@ -366,6 +368,7 @@ def slice_model(
         slicer.apply(lm, d_prime)
         return slicer.record(sparsity, d_prime, round_to, shared=False)
     _check_input(lm, calib, rotation, batch_size)
+    pin_mmap_threshold()  # keeps the per-layer peak memory flat over the layers (see its docstring)
     fuse_norms(lm)
     with sdpa_attention(lm.model):
         spectra = _slice_per_layer(lm, distributed.shard(calib), d_prime, batch_size, progress)
