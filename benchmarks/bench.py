@@ -112,7 +112,7 @@ def case_forward(samples: int, seqlen: int) -> dict[str, Any]:
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(calib), 8):
-            lm.model.model(calib[i : i + 8])
+            lm.model.model(calib[i : i + 8], use_cache=False)
     return {"seconds": time.perf_counter() - start}
 
 
