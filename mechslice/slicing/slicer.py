@@ -4,7 +4,8 @@ Per-layer mode (SliceGPT proper) computes each basis on the outputs of the alrea
 layer by layer it keeps one layer's worth of calibration activations (n x seqlen x d in the model's dtype, the
 only activation storage; batches are replaced in place), runs the attention branch once and the MLP branch once
 (one forward pass over the calibration in all), and accumulates two float64 second moments (d x d each).
-Peak memory: the model + n*seqlen*d*bytes + one batch of one layer's intermediates + a few d x d float64.
+Peak memory: the model + n*seqlen*d*bytes + one batch of one layer's intermediates + a few d x d float64;
+measured on SmolLM2-135M at 128 x 2048 (fp32): 2.5-2.7 GB of RSS, of which 0.6 GB stored activations.
 Global mode computes one basis from the sum of every norm input's second moment of the dense model (one forward
 pass, no activation storage) and gives an ordinary model of width d'.
 """
