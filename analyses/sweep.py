@@ -227,7 +227,11 @@ def run_sweep(
     are sharded and reduced inside `slice_model` / `Slicer` / the evaluators; only rank 0 writes files.
     """
     check_settings(settings)
-    dense = load_model(model, device=device, dtype=DTYPES[settings.dtype])
+
+    def load() -> LoadedModel:
+        return load_model(model, device=device, dtype=DTYPES[settings.dtype])
+
+    dense = load()
     for s in settings.sparsities:
         sliced_width(dense.dims.d, s, settings.round_to)  # refuse an s leaving d' < 1 before any work
     fingerprint = model_fingerprint(dense)
@@ -245,11 +249,11 @@ def run_sweep(
         else:
             if settings.path == "shared":
                 if slicer is None:
-                    base = load_model(model, device=device, dtype=DTYPES[settings.dtype])
+                    base = load()
                     slicer = Slicer(base, probe.calib, settings.rotation, progress=progress)
                 lm, rec = slicer.sliced(s, settings.round_to)
             else:
-                lm = load_model(model, device=device, dtype=DTYPES[settings.dtype])
+                lm = load()
                 rec = slice_model(lm, s, probe.calib, settings.rotation, settings.round_to, progress=progress)
             record = {
                 "effective_sparsity": rec.effective_sparsity,
