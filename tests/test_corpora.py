@@ -82,3 +82,24 @@ def test_eval_windows_warn_when_max_tokens_exceeds_the_split() -> None:
     with pytest.warns(UserWarning, match="exceeds the split's 100 tokens"):
         windows = eval_windows(torch.arange(100), 32, max_tokens=1000)
     assert windows.shape == (3, 32)
+
+
+def test_slicegpt_sampler_starts_at_documents_and_never_reuses_one(embedded) -> None:
+    from mechslice.corpora import corpus_documents
+
+    tok = embedded.tokenizer
+    windows = calibration_windows(tok, n_samples=6, seqlen=256, seed=42)
+    assert windows.shape == (6, 256) and torch.equal(
+        windows, calibration_windows(tok, n_samples=6, seqlen=256)
+    )
+    starts = {}
+    for i, doc in enumerate(corpus_documents("wiki", "train")):
+        starts.setdefault(tuple(tok(doc, add_special_tokens=False)["input_ids"][:12]), i)
+    firsts = [starts.get(tuple(w[:12].tolist())) for w in windows]
+    assert None not in firsts and len(set(firsts)) == 6  # each window opens a different whole document
+    offsets = calibration_windows(tok, n_samples=6, seqlen=256, sampler="offsets")
+    assert not torch.equal(offsets, windows)
+    with pytest.raises(MechsliceError, match="unknown calibration sampler"):
+        calibration_windows(tok, n_samples=1, seqlen=8, sampler="bogus")
+    with pytest.raises(MechsliceError, match="without reusing a document"):
+        calibration_windows(tok, n_samples=100_000, seqlen=64)

@@ -90,13 +90,17 @@ def test_rotation_without_slicing_is_invariant(tokenizer, rotation):
     )
 
 
+@pytest.mark.parametrize("slice_head", [False, True])
 @pytest.mark.parametrize("rotation", ["per-layer", "global"])
-def test_sliced_model_has_width_d_prime(tokenizer, rotation):
+def test_sliced_model_has_width_d_prime(tokenizer, rotation, slice_head):
     lm = random_lm(tokenizer)
     before = logits(lm)
-    record = slice_model(lm, 0.3, CALIB, rotation=rotation, round_to=8, progress=False)
+    eps = lm.model.config.rms_norm_eps
+    record = slice_model(lm, 0.3, CALIB, rotation=rotation, round_to=8, progress=False, slice_head=slice_head)
     d_prime = 40  # floor(0.7 * 64 / 8) * 8
+    head = d_prime if slice_head else D
     assert (record.d_prime, record.sparsity, record.effective_sparsity) == (d_prime, 0.3, 1 - d_prime / D)
+    assert record.slice_head == slice_head and record.head_width == head
     assert lm.model.config.hidden_size == d_prime and lm.model.model.embed_tokens.weight.shape == (
         VOCAB,
         d_prime,
@@ -104,13 +108,23 @@ def test_sliced_model_has_width_d_prime(tokenizer, rotation):
     out = logits(lm)
     assert out.shape == before.shape and torch.isfinite(out).all()
     assert not torch.allclose(out, before, atol=ATOL)  # slicing does change the function
-    for layer in lm.model.model.layers:
-        assert torch.allclose(layer.input_layernorm.weight, torch.full((d_prime,), (D / d_prime) ** 0.5))
+    layers = lm.model.model.layers
+    for i, layer in enumerate(layers):
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            assert (
+                torch.equal(norm.weight, torch.ones(d_prime)) and norm.variance_epsilon == eps * D / d_prime
+            )
+        last = i == len(layers) - 1
+        assert layer.mlp.down_proj.weight.shape[0] == (head if last else d_prime)
         if rotation == "per-layer":
             assert isinstance(layer, ShortcutBlock)
-            assert layer.attn_shortcut.shape == layer.mlp_shortcut.shape == (d_prime, d_prime)
-        else:
-            assert not isinstance(layer, ShortcutBlock)
+            assert layer.attn_shortcut.shape == (d_prime, d_prime)
+            assert layer.mlp_shortcut.shape == (d_prime, head if last else d_prime)
+        else:  # only the skip into an unsliced head changes width
+            assert isinstance(layer, ShortcutBlock) == (last and not slice_head)
+    final = lm.model.model.norm
+    assert lm.model.lm_head.weight.shape == (VOCAB, head) and final.weight.shape == (head,)
+    assert final.variance_epsilon == pytest.approx(eps * D / head, rel=1e-12)
     expected = (
         ["global"] if rotation == "global" else ["resid_pre.0", "resid_mid.0", "resid_pre.1", "resid_mid.1"]
     )
@@ -119,18 +133,20 @@ def test_sliced_model_has_width_d_prime(tokenizer, rotation):
     assert len(spectrum) == D and spectrum == sorted(spectrum, reverse=True)
 
 
+@pytest.mark.parametrize("slice_head", [False, True])
 @pytest.mark.parametrize("rotation", ["per-layer", "global"])
-def test_bridge_sees_width_d_prime_at_every_layer(tokenizer, rotation):
+def test_bridge_sees_width_d_prime_at_every_layer(tokenizer, rotation, slice_head):
     lm = random_lm(tokenizer)
     _ = lm.bridge  # built before slicing: slicing must put the plain modules back first
-    slice_model(lm, 0.25, CALIB, rotation=rotation, progress=False)
+    slice_model(lm, 0.25, CALIB, rotation=rotation, progress=False, slice_head=slice_head)
     lm.reset_bridge()
     bridge_logits, cache = lm.bridge.run_with_cache(IDS)
     lm.model.set_attn_implementation("sdpa")
     assert torch.allclose(bridge_logits, logits(lm), atol=ATOL)
     for i in range(2):
         for hook in ("hook_resid_pre", "ln1.hook_in", "ln2.hook_in", "hook_resid_post"):
-            assert cache[f"blocks.{i}.{hook}"].shape == (2, 16, 48), hook
+            width = 64 if (i, hook, slice_head) == (1, "hook_resid_post", False) else 48
+            assert cache[f"blocks.{i}.{hook}"].shape == (2, 16, width), hook
 
 
 def test_slicer_shares_one_calibration(tokenizer):

@@ -30,16 +30,38 @@ def test_save_and_load_give_identical_logits(tokenizer, tmp_path, rotation):
     lm.model.set_attn_implementation("sdpa")  # the bridge switched to eager; compare like with like
     loaded = load_model(str(out), device="cpu")
     assert torch.equal(logits(loaded), logits(lm))  # same fp32 weights, same ops: bit-identical
-    assert all(
-        isinstance(layer, ShortcutBlock) == (rotation == "per-layer") for layer in loaded.model.model.layers
-    )
+    layers = loaded.model.model.layers
+    assert all(isinstance(layer, ShortcutBlock) == (rotation == "per-layer") for layer in layers[:-1])
+    assert isinstance(
+        layers[-1], ShortcutBlock
+    )  # the skip into the unsliced head widens d' -> d in both modes
+    assert loaded.model.lm_head.weight.shape == (128, 64)
     saved = json.loads((out / "slicing.json").read_text())
     assert (saved["mode"], saved["d"], saved["d_prime"], saved["sparsity"]) == (rotation, 64, 48, 0.25)
     assert saved["effective_sparsity"] == 0.25 and "torch" in saved["versions"]
     assert all(len(s) == 64 for s in saved["spectra"].values())
-    if rotation == "global":
-        plain = AutoModelForCausalLM.from_pretrained(out).eval()
-        assert torch.equal(logits(type(lm)(plain, tokenizer, lm.adapter, "", "")), logits(lm))
+
+
+def test_global_slice_with_sliced_head_is_a_plain_checkpoint(tokenizer, tmp_path):
+    """Global mode with --slice-head is an ordinary Llama of width d': its norms' eps' = eps d/d' is in config."""
+    lm = random_lm(tokenizer)
+    record = slice_model(lm, 0.25, CALIB, rotation="global", progress=False, slice_head=True)
+    out = save_sliced(lm, record, tmp_path / "sliced")
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert torch.equal(logits(type(lm)(plain, tokenizer, lm.adapter, "", "")), logits(lm))
+    assert json.loads((out / "slicing.json").read_text())["slice_head"] is True
+
+
+def test_missing_or_reshaped_weight_is_refused(tokenizer, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    lm = random_lm(tokenizer)
+    out = save_sliced(lm, slice_model(lm, 0.25, CALIB, progress=False), tmp_path / "sliced")
+    tensors = load_file(out / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MechsliceError, match=r"missing: model\.layers\.1\.mlp\.down_proj\.weight"):
+        load_model(str(out), device="cpu")
 
 
 def test_existing_folder_is_refused_unless_overwrite(tokenizer, tmp_path):

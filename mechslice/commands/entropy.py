@@ -13,12 +13,10 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from analyses.layer_entropy import check_estimators, entropy_sweep
 from mechslice.commands._common import add_model_args, emit, model_from_args
 from mechslice.commands.trace import add_token_args, token_windows
-from mechslice.corpora import calibration_windows
+from mechslice.corpora import CALIBRATION_SEED, calibration_windows
 from mechslice.errors import MechsliceError
 from mechslice.slicing import sliced_width
 from mechslice.slicing.slicer import ROTATIONS
-
-CALIBRATION_SEED = 42
 
 
 def register(sub: argparse._SubParsersAction) -> None:

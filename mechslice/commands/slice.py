@@ -16,13 +16,11 @@ from mechslice.commands._common import (
     model_from_args,
     show_progress,
 )
-from mechslice.corpora import calibration_windows
+from mechslice.corpora import CALIBRATION_SEED, SAMPLERS, calibration_windows
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel, load_model
 from mechslice.slicing import save_sliced, slice_model, sliced_width
 from mechslice.slicing.slicer import ROTATIONS
-
-CALIBRATION_SEED = 42
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +33,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--rotation", choices=ROTATIONS, default="per-layer", help="default per-layer")
     parser.add_argument(
         "--calib-corpus", default="wiki", help="wiki, wikitext2:PATH or text:PATH (train split)"
+    )
+    parser.add_argument(
+        "--calib-sampler",
+        choices=SAMPLERS,
+        default="slicegpt",
+        help="slicegpt (default: whole documents from a seeded random start, none reused) or offsets",
+    )
+    parser.add_argument(
+        "--slice-head",
+        action="store_true",
+        help="also cut the last MLP output, final norm and head to d' (SliceGPT's default keeps them at d)",
     )
     parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     parser.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per window (default 2048)")
@@ -62,13 +71,27 @@ def run(args: argparse.Namespace) -> int:
     lm = _model(args)
     sliced_width(lm.dims.d, args.sparsity, args.round_to)  # reject bad input before calibrating
     calib = calibration_windows(
-        lm.tokenizer, args.calib_corpus, args.calib_samples, args.calib_seqlen, seed=CALIBRATION_SEED
+        lm.tokenizer,
+        args.calib_corpus,
+        args.calib_samples,
+        args.calib_seqlen,
+        CALIBRATION_SEED,
+        args.calib_sampler,
     )
     start = time.perf_counter()
     record = slice_model(
-        lm, args.sparsity, calib, args.rotation, args.round_to, args.batch_size, progress=show_progress(args)
+        lm,
+        args.sparsity,
+        calib,
+        args.rotation,
+        args.round_to,
+        args.batch_size,
+        progress=show_progress(args),
+        slice_head=args.slice_head,
     )
-    record.calibration.update(corpus=args.calib_corpus, split="train", seed=CALIBRATION_SEED)
+    record.calibration.update(
+        corpus=args.calib_corpus, split="train", seed=CALIBRATION_SEED, sampler=args.calib_sampler
+    )
     seconds = time.perf_counter() - start
     save_sliced(lm, record, args.out, overwrite=args.overwrite)
     payload = {
@@ -79,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         "effective_sparsity": record.effective_sparsity,
         "d": record.d,
         "d_prime": record.d_prime,
+        "slice_head": record.slice_head,
         "calibration": record.calibration,
         "seconds": seconds,
         "processes": distributed.world_size(),

@@ -23,6 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quick", action="store_true", help="the small demo profile (minutes, not a result to quote)"
     )
+    p.add_argument(
+        "--slice-head",
+        action="store_const",
+        const=True,
+        default=None,
+        help="also cut the last MLP output, final norm and head to d' (SliceGPT's default keeps them at d)",
+    )
+    p.add_argument("--calib-sampler", choices=["slicegpt", "offsets"], default=None, help="default slicegpt")
     p.add_argument("--calib-corpus", default=None)
     p.add_argument("--calib-samples", type=int, default=None)
     p.add_argument("--calib-seqlen", type=int, default=None)

@@ -20,17 +20,26 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.initialization import no_init_weights
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
 
 from mechslice import distributed
-from mechslice.adapters import adapter_for
+from mechslice.adapters import ArchAdapter, adapter_for
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel
 from mechslice.slicing.layers import SHORTCUTS, install_shortcut
+from mechslice.slicing.rotation import norm_eps
 from mechslice.slicing.slicer import SlicingRecord
 
 RECORD = "slicing.json"
@@ -97,44 +106,79 @@ def _read_config(path: Path) -> PretrainedConfig:
     return config
 
 
-def _shortcut_tensors(path: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
+def _file_tensors(path: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys() if k.rsplit(".", 1)[-1] in SHORTCUTS})  # noqa: SIM118
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
     return tensors
 
 
-def _from_pretrained(
-    path: Path, config: PretrainedConfig, dtype: torch.dtype, quiet: bool
-) -> PreTrainedModel:
-    """The plain model; `quiet` hides the load report that lists the shortcut tensors as unexpected keys
-    (they are installed right after; a plain `from_pretrained` of a per-layer folder does warn about them)."""
-    verbosity = hf_logging.get_verbosity()
-    if quiet:
-        hf_logging.set_verbosity_error()
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+def _widen_head(model: PreTrainedModel, adapter: ArchAdapter, record: SlicingRecord) -> None:
+    """Give the last W_down, the final norm and the unembedding the record's head width (d when unsliced).
+
+    The config's width d' and eps' = eps d/d' describe the blocks; the final norm of an unsliced head keeps
+    the original eps (see `rotation.resize_norm`).
+    """
+    width = record.head_width
+    norm, head = adapter.final_norm(model), adapter.lm_head(model)
+    if head.in_features == width:
+        return
+    writer = adapter.block(adapter.layers(model)[-1]).mlp_writer
+    writer.weight = nn.Parameter(torch.empty(width, writer.in_features, dtype=writer.weight.dtype))
+    if writer.bias is not None:
+        writer.bias = nn.Parameter(torch.empty(width, dtype=writer.bias.dtype))
+    writer.out_features = width
+    norm.weight = nn.Parameter(torch.ones(width, dtype=norm.weight.dtype))
+    norm.variance_epsilon = norm_eps(norm) * record.d_prime / width
+    head.weight = nn.Parameter(torch.empty(head.out_features, width, dtype=head.weight.dtype))
+    head.in_features = width
+
+
+def _load_strict(model: PreTrainedModel, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Every expected tensor present with its shape, nothing unexpected; else one line naming the first few."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != expected[k])
+    problems = [
+        f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        if keys
+    ]
+    if problems:
+        raise MechsliceError(
+            f"'{path}' does not match its config and slicing.json ({'; '.join(problems)}); save the model again"
+        )
+    model.load_state_dict(tensors, strict=True)
 
 
 def load_sliced(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a folder written by `save_sliced`: the model of width d' (with its shortcuts) and the tokenizer."""
+    """Load a folder written by `save_sliced`: the model of width d' (with its shortcuts) and the tokenizer.
+
+    The model is built from the config and filled strictly from the weight files, so a missing, extra or
+    reshaped tensor is refused instead of being initialised at random.
+    """
     path = Path(path)
     try:
         record = SlicingRecord.from_json((path / RECORD).read_text())
         config = _read_config(path)
         adapter = adapter_for(config)
-        shortcuts = _shortcut_tensors(path)
-        model = _from_pretrained(path, config, dtype, quiet=bool(shortcuts))
+        tensors = _file_tensors(path)
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path, config=config)
-    except (ValueError, OSError, KeyError, TypeError) as err:
+    except (ValueError, OSError, KeyError, TypeError, SafetensorError) as err:
         raise MechsliceError(f"could not load sliced model folder '{path}': {err}") from err
+    shortcuts = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] in SHORTCUTS}
     if record.mode == "per-layer" and not shortcuts:
         raise MechsliceError(f"'{path}' is a per-layer slice without shortcut matrices; save it again")
     layers = adapter.layers(model)
     for key, value in shortcuts.items():
         index, name = key.split(".")[-2:]
         install_shortcut(layers[int(index)], adapter, name, value)
-    return model, tokenizer
+    _widen_head(model, adapter, record)
+    _load_strict(model, tensors, path)
+    if (path / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval(), tokenizer

@@ -29,11 +29,14 @@ def rotate_embedding(embedding: nn.Embedding, q: Float[Tensor, "d d_"]) -> None:
     embedding.embedding_dim = q.shape[1]
 
 
-def rotate_readers(readers: Iterable[nn.Linear], q: Float[Tensor, "d d_"]) -> None:
-    """W -> W Q on the input side of every linear that reads the (normalized) stream."""
+def rotate_readers(readers: Iterable[nn.Linear], q: Float[Tensor, "d d_"], scale: float = 1.0) -> None:
+    """W -> scale * W Q on the input side of every linear that reads the (normalized) stream.
+
+    `scale` carries the sliced norm's sqrt(d/d') (see `resize_norm`), folded here in float64 and rounded once.
+    """
     for linear in readers:
         w = linear.weight
-        linear.weight = _new(w, w.double() @ q.to(w.device))
+        linear.weight = _new(w, (w.double() @ q.to(w.device)) * scale)
         linear.in_features = q.shape[1]
 
 
@@ -47,10 +50,23 @@ def rotate_writer(writer: nn.Linear, q: Float[Tensor, "d d_"]) -> None:
     writer.out_features = q.shape[1]
 
 
-def resize_norm(norm: nn.Module, d: int, d_sliced: int) -> None:
-    """A fused RMSNorm over d' channels with weight sqrt(d/d'): it divides the sum of squares by the original d."""
+def norm_eps(norm: nn.Module) -> float:
+    """The epsilon a Hugging Face RMSNorm adds to the mean square (`variance_epsilon` in every family we adapt)."""
+    return float(norm.variance_epsilon)
+
+
+def resize_norm(norm: nn.Module, d: int, width: int) -> float:
+    """Turn a fused RMSNorm into SliceGPT's norm over `width` of the original d channels; returns the reader scale.
+
+    SliceGPT's norm is x / sqrt(sum x^2 / d + eps) with the original d. A Hugging Face RMSNorm over `width`
+    channels with weight 1 and eps' = eps d / width computes x / sqrt(sum x^2 / width + eps'), which is that
+    divided by c = sqrt(d / width); the readers take the factor c (`rotate_readers(scale=c)`). The weight stays
+    exactly 1, so no dtype rounds the scale, and the module keeps its own class (hooks, plain checkpoints).
+    """
     w = norm.weight
-    norm.weight = _new(w, torch.full((d_sliced,), math.sqrt(d / d_sliced), dtype=torch.float64))
+    norm.weight = _new(w, torch.ones(width, dtype=torch.float64))
+    norm.variance_epsilon = norm_eps(norm) * d / width
+    return math.sqrt(d / width)
 
 
 def shortcut(q_in: Float[Tensor, "d d_in"], q_out: Float[Tensor, "d d_out"]) -> Float[Tensor, "d_in d_out"]:

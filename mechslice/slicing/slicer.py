@@ -7,7 +7,10 @@ only activation storage; batches are replaced in place), runs the attention bran
 Peak memory: the model + n*seqlen*d*bytes + one batch of one layer's intermediates + a few d x d float64;
 measured on SmolLM2-135M at 128 x 2048 (fp32): 2.5-2.7 GB of RSS, of which 0.6 GB stored activations.
 Global mode computes one basis from the sum of every norm input's second moment of the dense model (one forward
-pass, no activation storage) and gives an ordinary model of width d'.
+pass, no activation storage) and gives an ordinary model of width d' when the head is sliced too.
+
+Both modes leave the head unsliced by default, as SliceGPT's `do_slice_head=False`: the final norm and the
+unembedding read the full-width stream (rotated, not cut), written by the last block's W_down at width d.
 """
 
 from __future__ import annotations
@@ -32,7 +35,14 @@ from mechslice.perplexity import sdpa_attention
 from mechslice.slicing.calibration import SecondMoment, pca, require_finite, warn_if_few_tokens
 from mechslice.slicing.fusion import fuse_norms
 from mechslice.slicing.layers import ShortcutBlock, attn_branch, install_shortcut, mlp_branch
-from mechslice.slicing.rotation import resize_norm, rotate_embedding, rotate_readers, rotate_writer, shortcut
+from mechslice.slicing.rotation import (
+    norm_eps,
+    resize_norm,
+    rotate_embedding,
+    rotate_readers,
+    rotate_writer,
+    shortcut,
+)
 from mechslice.slicing.signals import layer_inputs, norm_input_moments
 
 ROTATIONS = ("per-layer", "global")
@@ -52,6 +62,12 @@ class SlicingRecord:
     calibration: dict[str, Any]
     spectra: dict[str, list[float]] = field(repr=False)
     versions: dict[str, str] = field(default_factory=dict)
+    slice_head: bool = False  # False: SliceGPT's default, the last MLP output and the head stay at width d
+
+    @property
+    def head_width(self) -> int:
+        """Width of the final norm and the unembedding."""
+        return head_width(self.d, self.d_prime, self.slice_head)
 
     def to_json(self) -> str:
         """The record as a JSON document (the content of `slicing.json`)."""
@@ -59,8 +75,8 @@ class SlicingRecord:
 
     @classmethod
     def from_json(cls, text: str) -> SlicingRecord:
-        """Read a record written by `to_json`."""
-        return cls(**json.loads(text))
+        """Read a record written by `to_json`; a record without `slice_head` predates the option and sliced it."""
+        return cls(**{"slice_head": True, **json.loads(text)})
 
 
 def sliced_width(d: int, sparsity: float, round_to: int = 8) -> int:
@@ -120,7 +136,8 @@ class _Rotator:
 
     enter(i, Q): the stream entering layer i (i = L: the final norm) is written by the embedding or layer
     i-1's W_down and read by layer i's attention (or the unembedding). middle(i, Q): resid_mid of layer i,
-    written by W_o and read by the MLP. With shortcuts, each skip gets Q_prev^T Q.
+    written by W_o and read by the MLP. With shortcuts, each skip gets Q_prev^T Q; a skip whose two sides differ
+    in width (the last block's, into an unsliced head) gets one in every mode.
     """
 
     def __init__(self, lm: LoadedModel, d_prime: int, shortcuts: bool) -> None:
@@ -128,29 +145,29 @@ class _Rotator:
         self.layers = lm.adapter.layers(lm.model)
         self.prev: Tensor | None = None
 
-    def enter(self, i: int, q: Float[Tensor, "d d_"]) -> None:
+    def _read(self, norm: nn.Module, readers: tuple[nn.Linear, ...], q: Float[Tensor, "d width"]) -> None:
+        rotate_readers(readers, q, scale=resize_norm(norm, self.d, q.shape[1]))
+
+    def enter(self, i: int, q: Float[Tensor, "d width"]) -> None:
         adapter, model = self.lm.adapter, self.lm.model
         if i == 0:
             rotate_embedding(adapter.embeddings(model), q)
         else:
             rotate_writer(adapter.block(self.layers[i - 1]).mlp_writer, q)
-            if self.shortcuts:
+            if self.shortcuts or q.shape[1] != self.prev.shape[1]:
                 install_shortcut(self.layers[i - 1], adapter, "mlp_shortcut", shortcut(self.prev, q))
         if i < len(self.layers):
             view = adapter.block(self.layers[i])
-            rotate_readers(view.attn_readers, q)
-            resize_norm(view.input_norm, self.d, self.d_prime)
+            self._read(view.input_norm, view.attn_readers, q)
         else:
-            rotate_readers((adapter.lm_head(model),), q)
-            resize_norm(adapter.final_norm(model), self.d, self.d_prime)
+            self._read(adapter.final_norm(model), (adapter.lm_head(model),), q)
             self._finish_config()
         self.prev = q
 
     def middle(self, i: int, q: Float[Tensor, "d d_"]) -> None:
         view = self.lm.adapter.block(self.layers[i])
         rotate_writer(view.attn_writer, q)
-        rotate_readers(view.mlp_readers, q)
-        resize_norm(view.post_attn_norm, self.d, self.d_prime)
+        self._read(view.post_attn_norm, view.mlp_readers, q)
         if self.shortcuts:
             install_shortcut(self.layers[i], self.lm.adapter, "attn_shortcut", shortcut(self.prev, q))
         self.prev = q
@@ -159,6 +176,13 @@ class _Rotator:
         config, dims = self.lm.model.config, self.lm.dims
         config.head_dim = dims.h_dim  # keep the attention width: HF accepts hidden_size < heads * head_dim
         config.hidden_size = self.d_prime
+        # the blocks' norms (all of width d'); an unsliced final norm keeps the original eps (see io.load_sliced)
+        config.rms_norm_eps = norm_eps(self.lm.adapter.block(self.layers[0]).input_norm)
+
+
+def head_width(d: int, d_prime: int, slice_head: bool) -> int:
+    """Width of the final norm and the unembedding: d' when the head is sliced, else d (SliceGPT's default)."""
+    return d_prime if slice_head else d
 
 
 def _basis(
@@ -189,7 +213,12 @@ def _on(value: Any, device: torch.device) -> Any:
 
 @torch.no_grad()
 def _slice_per_layer(
-    lm: LoadedModel, calib: Int[Tensor, "n seqlen"], d_prime: int, batch_size: int, progress: bool
+    lm: LoadedModel,
+    calib: Int[Tensor, "n seqlen"],
+    d_prime: int,
+    slice_head: bool,
+    batch_size: int,
+    progress: bool,
 ) -> dict[str, list[float]]:
     """SliceGPT proper: each basis from the outputs of the already sliced layers before it.
 
@@ -228,10 +257,8 @@ def _slice_per_layer(
             z = x @ qa
             xs[b] = z @ qa.T + mlp_branch(layer, adapter.post_attn_norm, z)
             stats.add(xs[b])
-    rotator.enter(
-        len(layers),
-        _basis(stats, "resid_final", spectra, f"the output of layer {len(layers) - 1}")[:, :d_prime],
-    )
+    q = _basis(stats, "resid_final", spectra, f"the output of layer {len(layers) - 1}")
+    rotator.enter(len(layers), q[:, : head_width(d, d_prime, slice_head)])
     return spectra
 
 
@@ -292,28 +319,37 @@ class Slicer:
                 for i, s in enumerate(mid)
             ]
 
-    def apply(self, lm: LoadedModel, d_prime: int) -> None:
+    def apply(self, lm: LoadedModel, d_prime: int, slice_head: bool = False) -> None:
         """Rotate and slice `lm` (the fused dense model or a copy of it) in place with these bases."""
         rotator = _Rotator(lm, d_prime, shortcuts=self.rotation == "per-layer")
         for i, q_mid in enumerate(self.q_mid):
             rotator.enter(i, self.q_pre[i][:, :d_prime])
             rotator.middle(i, q_mid[:, :d_prime])
-        rotator.enter(len(self.q_mid), self.q_pre[-1][:, :d_prime])
+        d = len(self.q_pre[0])
+        rotator.enter(len(self.q_mid), self.q_pre[-1][:, : head_width(d, d_prime, slice_head)])
 
-    def record(self, sparsity: float, d_prime: int, round_to: int, shared: bool) -> SlicingRecord:
+    def record(
+        self, sparsity: float, d_prime: int, round_to: int, shared: bool, slice_head: bool = False
+    ) -> SlicingRecord:
         """The record of slicing this calibration at `sparsity`."""
         d = len(self.q_pre[0])
-        return _record(self.rotation, sparsity, d, d_prime, round_to, shared, self.calibration, self.spectra)
+        return _record(
+            self.rotation, sparsity, d, d_prime, round_to, shared, slice_head, self.calibration, self.spectra
+        )
 
     @torch.no_grad()
-    def sliced(self, sparsity: float, round_to: int = 8) -> tuple[LoadedModel, SlicingRecord]:
+    def sliced(
+        self, sparsity: float, round_to: int = 8, slice_head: bool = False
+    ) -> tuple[LoadedModel, SlicingRecord]:
         """A new sliced model at `sparsity` (peak memory: the dense model plus the sliced one)."""
         d_prime = sliced_width(self.lm.dims.d, sparsity, round_to)
         model = _share_copy(self.lm.model)
         out = LoadedModel(model, self.lm.tokenizer, self.lm.adapter, self.lm.name, self.lm.source)
-        self.apply(out, d_prime)
+        self.apply(out, d_prime, slice_head)
         _unshare(model, self.lm.model)
-        return out, self.record(sparsity, d_prime, round_to, shared=self.rotation == "per-layer")
+        return out, self.record(
+            sparsity, d_prime, round_to, shared=self.rotation == "per-layer", slice_head=slice_head
+        )
 
 
 def _record(
@@ -323,10 +359,12 @@ def _record(
     d_prime: int,
     round_to: int,
     shared: bool,
+    slice_head: bool,
     calibration: dict[str, Any],
     spectra: dict[str, list[float]],
 ) -> SlicingRecord:
     return SlicingRecord(
+        slice_head=slice_head,
         mode=mode,
         sparsity=sparsity,
         effective_sparsity=1.0 - d_prime / d,
@@ -349,14 +387,18 @@ def slice_model(
     round_to: int = 8,
     batch_size: int = 8,
     progress: bool = True,
+    slice_head: bool = False,
 ) -> SlicingRecord:
     """Fuse, rotate and slice `lm` to width d' = (1-s)d rounded down, in place, on the model's device(s).
 
     `calib` holds token windows (e.g. `mechslice.corpora.calibration_windows`) whose activations give the PCA.
     `rotation="per-layer"` (SliceGPT proper) computes a basis for every norm input on the outputs of the already
     sliced layers and adds shortcut matrices on the residual connections; `"global"` uses one basis for the
-    whole network and leaves an ordinary model of width d'. `round_to` rounds d' down to a multiple (SliceGPT
-    uses 8). Any TransformerBridge built earlier is dropped: read `lm.bridge` again after slicing.
+    whole network and leaves an ordinary model of width d' (with `slice_head=True`; an unsliced head widens the
+    last block back to d). `round_to` rounds d' down to a multiple (SliceGPT
+    uses 8). `slice_head=False` (SliceGPT's default) rotates the last block's MLP output, the final norm and
+    the unembedding without cutting them (width d, reached through a d' x d shortcut on the last block's MLP
+    skip); `True` cuts them to d' too. Any TransformerBridge built earlier is dropped: read `lm.bridge` again after slicing.
     Returns the `SlicingRecord` (nominal and effective sparsity, d', calibration, PCA spectra).
 
     Under torchrun every rank passes the same `calib`, calibrates on its `distributed.shard` of it, and ends
@@ -366,12 +408,12 @@ def slice_model(
     d_prime = sliced_width(d, sparsity, round_to)
     if rotation == "global":
         slicer = Slicer(lm, calib, "global", batch_size, progress)
-        slicer.apply(lm, d_prime)
-        return slicer.record(sparsity, d_prime, round_to, shared=False)
+        slicer.apply(lm, d_prime, slice_head)
+        return slicer.record(sparsity, d_prime, round_to, shared=False, slice_head=slice_head)
     _check_input(lm, calib, rotation, batch_size)
     pin_mmap_threshold()  # keeps the per-layer peak memory flat over the layers (see its docstring)
     fuse_norms(lm)
     with sdpa_attention(lm.model):
-        spectra = _slice_per_layer(lm, distributed.shard(calib), d_prime, batch_size, progress)
+        spectra = _slice_per_layer(lm, distributed.shard(calib), d_prime, slice_head, batch_size, progress)
     calibration = {"n_samples": calib.shape[0], "seqlen": calib.shape[1], "tokens": calib.numel()}
-    return _record(rotation, sparsity, d, d_prime, round_to, False, calibration, spectra)
+    return _record(rotation, sparsity, d, d_prime, round_to, False, slice_head, calibration, spectra)
