@@ -9,6 +9,9 @@ W_down(σ(W_gate Ā') ⊙ W_up Ā') (the paper's Eq. (8) writes σ around the pr
 belongs to the next block). A fused W_qkv or W_gate_up is read as its stacked parts, in the block's order. Each check reads its inputs from the tracer's own hook points, so a wrong entry in
 the tracer's stage table fails here. Recomputation is in float64 from the recorded fp32 inputs, one layer at a
 time (memory is one layer's activations), and the report keeps the largest deviation per equation per layer.
+The verdict covers every (layer, equation) pair of the chosen layers: a pair whose hook never fired fails
+the check (it is named in `missing`) unless the bridge is known not to fire it, with the reason
+(`NOT_APPLICABLE`), so a check cannot pass by checking nothing.
 
 Also: the paper's Table 2 (Proposition 1), every weight matrix's shape in d, m, h_attn, v, h_dim, and the
 residual-side widths they share (d, or d' after slicing).
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
+from transformer_lens.model_bridge.generalized_components import JointQKVAttentionBridge
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -63,6 +67,22 @@ EQUATIONS: tuple[tuple[str, str], ...] = (
 )
 _INPUTS = ("E_in", "W_a")  # stages read but not recomputed beyond those in EQUATIONS
 
+# Equations a bridge is known not to record, by its attention class, with the reason. TransformerLens 4.3's
+# joint-QKV attention (Phi-3's fused W_qkv) applies RoPE inside without firing hook_rot_q / hook_rot_k.
+_ROPE_INSIDE = (
+    "the joint-QKV attention bridge applies RoPE without firing hook_rot_q/k; RoPE is checked through (7) W_a"
+)
+NOT_APPLICABLE: tuple[tuple[type, dict[str, str]], ...] = (
+    (JointQKVAttentionBridge, {"RoPE(Q)": _ROPE_INSIDE, "RoPE(K)": _ROPE_INSIDE}),
+)
+
+
+def not_applicable(block: Any) -> dict[str, str]:
+    """Equation label -> why this bridge block never records it (empty when it records every stage)."""
+    return {
+        eq: why for kind, table in NOT_APPLICABLE if isinstance(block.attn, kind) for eq, why in table.items()
+    }
+
 
 @dataclass
 class Deviation:
@@ -88,18 +108,24 @@ class Deviation:
 class ConformanceReport:
     """Per layer and equation, the largest deviation; the Table 2 weight shapes; the tolerance and verdict."""
 
-    deviations: list[Deviation]
+    deviations: list[Deviation]  # the checked (layer, equation) pairs
     weights: list[dict[str, Any]]
     shared_d: list[int]
     tokens: int
     rel_tol: float = REL_TOL
     notes: list[str] = field(default_factory=list)
+    # (layer, equation) pairs never checked though the bridge should have recorded them: each fails the check
+    missing: list[tuple[int, str]] = field(default_factory=list)
+    # equation -> (layers, reason) for pairs this bridge is known not to record (see NOT_APPLICABLE)
+    not_applicable: dict[str, tuple[list[int], str]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        """Every deviation within tolerance and every weight shape as Table 2 says."""
-        return all(d.max_rel <= self.rel_tol for d in self.deviations) and all(
-            w["matches"] for w in self.weights
+        """Every (layer, equation) pair checked or not applicable, each within tolerance; Table 2 shapes match."""
+        return (
+            not self.missing
+            and all(d.max_rel <= self.rel_tol for d in self.deviations)
+            and all(w["matches"] for w in self.weights)
         )
 
     def worst(self) -> dict[str, float]:
@@ -118,6 +144,11 @@ class ConformanceReport:
             "shared_d": self.shared_d,
             "worst": self.worst(),
             "deviations": [vars(d) for d in self.deviations],
+            "missing": [{"layer": layer, "equation": eq} for layer, eq in self.missing],
+            "not_applicable": [
+                {"equation": eq, "layers": layers, "reason": why}
+                for eq, (layers, why) in self.not_applicable.items()
+            ],
             "weights": self.weights,
             "notes": self.notes,
         }
@@ -222,65 +253,105 @@ class _LayerCheck:
             for key in keys:
                 self.recorded[key] = x.detach().double()
             if is_last:
-                recomputed = self.recompute(self.recorded)
-                for equation, stage in EQUATIONS:
-                    if stage in self.recorded:
-                        self.deviations[(self.index, equation)].update(
-                            recomputed[stage], self.recorded[stage]
-                        )
-                self.recorded.clear()
+                self.flush()
 
         return fn
 
+    def flush(self) -> None:
+        """Compare what was recorded with its recomputation and forget it (a no-op when nothing was recorded).
+
+        Called by the block's last hook, and after each forward for a block whose last hook never fired.
+        """
+        if not self.recorded:
+            return
+        recomputed = self.recompute(self.recorded)
+        for equation, stage in EQUATIONS:
+            if stage in self.recorded and stage in recomputed:
+                self.deviations[(self.index, equation)].update(recomputed[stage], self.recorded[stage])
+        self.recorded.clear()
+
     def recompute(self, t: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Every stage in EQUATIONS from the recorded stage(s) before it (float64 in, float64 out)."""
-        dims, view = self.dims, self.view
-        batch, pos = t["E_in"].shape[:2]
-        q_width, kv_width = dims.h_attn * dims.h_dim, dims.v * dims.h_dim
+        """Every stage in EQUATIONS from the recorded stage(s) before it (float64 in, float64 out).
+
+        A stage whose inputs were not all recorded is left out, so it counts as unchecked rather than raising.
+        """
         out: dict[str, Tensor] = {}
-        out["rms_in"] = _rms(t["E_in"], self.eps)
-        out["E_in_bar"] = view.input_norm.weight.double() * t["E_in"] / t["rms_in"]
-        Q, K, V = _readers(t["E_in_bar"], view.attn_readers, [q_width, kv_width, kv_width])
-        out["Q"] = Q.reshape(batch, pos, dims.h_attn, dims.h_dim)
-        out["K"] = K.reshape(batch, pos, dims.v, dims.h_dim)
-        out["V"] = V.reshape(batch, pos, dims.v, dims.h_dim)
-        cos, sin = rope_tables(self.config, dims.h_dim, pos, t["Q"].device)
-        out["Q_rope"] = apply_rope(t["Q"], cos, sin)
-        out["K_rope"] = apply_rope(t["K"], cos, sin)
-        # A bridge whose attention never fires the RoPE hooks leaves them unrecorded: W_a is then checked from
-        # the recorded Q, K through the recomputed RoPE (RoPE and W_a verified together).
-        Q_rope, K_rope = (t.get(k, out[k]) for k in ("Q_rope", "K_rope"))
-        group = dims.h_attn // dims.v  # GQA: KV head j serves query heads j*group .. (j+1)*group-1
-        K_shared = K_rope.repeat_interleave(group, dim=2)
-        V_shared = t["V"].repeat_interleave(group, dim=2)
-        scores = torch.einsum("bqhe,bkhe->bhqk", Q_rope, K_shared) * self.gamma
-        out["W_a"] = scores.masked_fill(_masked(pos, self.window, scores.device), -math.inf).softmax(-1)
-        out["W_aV"] = torch.einsum("bhqk,bkhe->bqhe", t["W_a"], V_shared)
-        out["A_prime"] = _linear(t["W_aV"].reshape(batch, pos, -1), view.attn_writer)
-        out["E_mid"] = _shortcut(t["E_in"], self.layer, "attn_shortcut") + t["A_prime"]
-        out["rms_mid"] = _rms(t["E_mid"], self.eps)
-        out["E_mid_bar"] = view.post_attn_norm.weight.double() * t["E_mid"] / t["rms_mid"]
-        out["gate"], out["up"] = _readers(t["E_mid_bar"], view.mlp_readers, [dims.m, dims.m])
-        out["gate_up"] = self.act(t["gate"]) * t["up"]
-        out["down"] = _linear(t["gate_up"], view.mlp_writer)
-        out["E_out"] = _shortcut(t["E_mid"], self.layer, "mlp_shortcut") + t["down"]
+        for step in self._steps():
+            try:
+                step(t, out)
+            except KeyError:
+                continue
         return out
+
+    def _steps(self) -> tuple[Callable[[dict[str, Tensor], dict[str, Tensor]], None], ...]:
+        """The recomputations in forward order; each reads recorded stages `t` and writes `out`."""
+        dims, view = self.dims, self.view
+        q_width, kv_width = dims.h_attn * dims.h_dim, dims.v * dims.h_dim
+
+        def heads(x: Tensor, n: int) -> Tensor:
+            return x.reshape(*x.shape[:2], n, dims.h_dim)
+
+        def rope(x: Tensor) -> Tensor:
+            return apply_rope(x, *rope_tables(self.config, dims.h_dim, x.shape[1], x.device))
+
+        def qkv(t: dict[str, Tensor], out: dict[str, Tensor]) -> None:
+            Q, K, V = _readers(t["E_in_bar"], view.attn_readers, [q_width, kv_width, kv_width])
+            out["Q"], out["K"], out["V"] = heads(Q, dims.h_attn), heads(K, dims.v), heads(V, dims.v)
+
+        def pattern(t: dict[str, Tensor], out: dict[str, Tensor]) -> None:
+            # A bridge whose attention never fires the RoPE hooks leaves them unrecorded: W_a is then checked
+            # from the recorded Q, K through the recomputed RoPE (RoPE and W_a verified together).
+            Q_rope, K_rope = (t[k] if k in t else out[k] for k in ("Q_rope", "K_rope"))
+            group = dims.h_attn // dims.v  # GQA: KV head j serves query heads j*group .. (j+1)*group-1
+            scores = torch.einsum("bqhe,bkhe->bhqk", Q_rope, K_rope.repeat_interleave(group, dim=2))
+            scores = scores * self.gamma
+            pos = scores.shape[-1]
+            out["W_a"] = scores.masked_fill(_masked(pos, self.window, scores.device), -math.inf).softmax(-1)
+
+        def weighted_values(t: dict[str, Tensor], out: dict[str, Tensor]) -> None:
+            V_shared = t["V"].repeat_interleave(dims.h_attn // dims.v, dim=2)
+            out["W_aV"] = torch.einsum("bhqk,bkhe->bqhe", t["W_a"], V_shared)
+
+        def gate_and_up(t: dict[str, Tensor], out: dict[str, Tensor]) -> None:
+            out["gate"], out["up"] = _readers(t["E_mid_bar"], view.mlp_readers, [dims.m, dims.m])
+
+        def put(stage: str, f: Callable[[dict[str, Tensor]], Tensor]) -> Callable[..., None]:
+            return lambda t, out: out.__setitem__(stage, f(t))
+
+        return (
+            put("rms_in", lambda t: _rms(t["E_in"], self.eps)),
+            put("E_in_bar", lambda t: view.input_norm.weight.double() * t["E_in"] / t["rms_in"]),
+            qkv,
+            put("Q_rope", lambda t: rope(t["Q"])),
+            put("K_rope", lambda t: rope(t["K"])),
+            pattern,
+            weighted_values,
+            put("A_prime", lambda t: _linear(t["W_aV"].flatten(2), view.attn_writer)),
+            put("E_mid", lambda t: _shortcut(t["E_in"], self.layer, "attn_shortcut") + t["A_prime"]),
+            put("rms_mid", lambda t: _rms(t["E_mid"], self.eps)),
+            put("E_mid_bar", lambda t: view.post_attn_norm.weight.double() * t["E_mid"] / t["rms_mid"]),
+            gate_and_up,
+            put("gate_up", lambda t: self.act(t["gate"]) * t["up"]),
+            put("down", lambda t: _linear(t["gate_up"], view.mlp_writer)),
+            put("E_out", lambda t: _shortcut(t["E_mid"], self.layer, "mlp_shortcut") + t["down"]),
+        )
 
 
 def _hooks_for(
     lm: LoadedModel, layers: tuple[int, ...], deviations: dict[tuple[int, str], Deviation]
-) -> list[tuple[str, Callable[..., None]]]:
+) -> tuple[list[tuple[str, Callable[..., None]]], list[_LayerCheck]]:
     """Hooks that record one layer's stages and, when its block output fires, check and forget them."""
     by_hook: dict[str, list[str]] = {}
     for key in sorted({stage for _, stage in EQUATIONS} | set(_INPUTS)):
         by_hook.setdefault(STAGE_BY_KEY[key].hook, []).append(key)
     last_hook = STAGE_BY_KEY["E_out"].hook
-    pairs = []
+    pairs, checks = [], []
     for index in layers:
         check = _LayerCheck(lm, index, deviations)
+        checks.append(check)
         for hook, keys in by_hook.items():
             pairs.append((f"blocks.{index}.{hook}", check.hook_fn(keys, is_last=hook == last_hook)))
-    return pairs
+    return pairs, checks
 
 
 def shared_widths(weights: Iterable[dict[str, Any]]) -> list[int]:
@@ -310,25 +381,37 @@ def check_conformance(
         raise MechsliceError("no tokens to check; give non-empty text or a corpus with tokens")
     deviations = {(i, eq): Deviation(i, eq, stage) for i in chosen for eq, stage in EQUATIONS}
     stop = chosen[-1] + 1
-    with torch.no_grad(), bridge.hooks(fwd_hooks=_hooks_for(lm, chosen, deviations)):
+    hooks, checks = _hooks_for(lm, chosen, deviations)
+    with torch.no_grad(), bridge.hooks(fwd_hooks=hooks):
         for start in range(0, windows.shape[0], batch_size):
             batch = windows[start : start + batch_size].to(lm.device)
             bridge(batch, stop_at_layer=stop if stop < len(bridge.blocks) else None)
+            for check in checks:  # a block whose output hook never fired still has its stages compared
+                check.flush()
     weights = [row.to_json() for row in weight_table(lm, list(chosen))]
-    unchecked = sorted({d.equation for d in deviations.values() if not d.checked})
+    skipped: dict[str, tuple[list[int], str]] = {}
+    missing = []
+    for (index, equation), d in deviations.items():
+        if d.checked:
+            continue
+        why = not_applicable(bridge.blocks[index]).get(equation)
+        if why is None:
+            missing.append((index, equation))
+        else:
+            skipped.setdefault(equation, ([], why))[0].append(index)
     notes = [
         f"max_rel = max|recomputed - recorded| / max|recorded| per stage; pass when <= {REL_TOL:g} (fp32)",
         "Eq. (8) is checked as computed: W_down(σ(W_gate Ā') ⊙ W_up Ā'); its outer RMSNorm is the next block's",
     ]
-    if unchecked:
-        notes.append(
-            f"not recorded by this bridge (hooks never fire): {', '.join(unchecked)}; the next stage is checked "
-            "from their recomputation"
-        )
+    notes += [f"not applicable: {eq} at layers {where}: {why}" for eq, (where, why) in skipped.items()]
+    if missing:
+        notes.append(f"FAIL: {len(missing)} (layer, equation) pairs never checked (their hooks never fired)")
     return ConformanceReport(
         deviations=[d for d in deviations.values() if d.checked],
         weights=weights,
         shared_d=shared_widths(weights),
         tokens=windows.numel(),
         notes=notes,
+        missing=missing,
+        not_applicable=skipped,
     )

@@ -4,6 +4,9 @@ Proposition 2: y = ln PPL0 / ln PPL, which the paper says equals 1 - s (a = -1, 
 Proposition 3: y = ln(acc / acc0), per multiple-choice task, proportional to 1 - s.
 Both are fitted as y = a*s + b against the EFFECTIVE sparsity s = 1 - d'/d, with the dense model included as
 the point s = 0 (y = 1, resp. 0), as in the paper's Fig. 3; the paper's Table 3 is kept here for comparison.
+That point is exact by construction, not an observation: it earns no degree of freedom, and a second fit,
+`anchored`, is the line through it (y = 1 + a s, resp. a s). Accuracy intervals carry the binomial sampling
+error of every acc and of the acc0 all points share (see `analyses.fits` for the model).
 Input is `DIR/results.json` as written by the sweep; output `DIR/fits.json` and `DIR/fits.csv`.
 """
 
@@ -15,7 +18,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +35,14 @@ PPL = "ppl"
 ACC_KEYS = ("acc", "acc_norm")
 DENSE_TOLERANCE = 1e-12  # effective sparsity below this is the dense model (it is 1 - d/d = 0 exactly)
 DENSE_NOTE = (
-    "s is the effective sparsity 1 - d'/d; each fit includes the dense model as the point s=0 "
-    "(y=1 for perplexity, y=0 for accuracy), as in the paper's Fig. 3"
+    "s is the effective sparsity 1 - d'/d; the paper's fit (a, b) includes the dense model as the point s=0 "
+    "(y=1 for perplexity, y=0 for accuracy), as in the paper's Fig. 3; that point is exact by construction, so "
+    "it adds no degree of freedom (dof = sparsities > 0 minus 2); the anchored fit passes through it (a only, "
+    "dof = sparsities > 0 minus 1); accuracy intervals include the standard errors of acc and of acc0 "
+    "where results.json records them (column sampling_error)"
 )
+# Where a task's standard error is stored in a results record, per accuracy key.
+STDERR_KEYS = {"acc": "stderr", "acc_norm": "acc_norm_stderr"}
 LAWS = {"perplexity": "y = ln PPL0 / ln PPL (Prop. 2)", "accuracy": "y = ln(acc / acc0) (Prop. 3)"}
 
 
@@ -164,18 +172,57 @@ def _check_acc_key(acc_key: str) -> None:
 
 @dataclass(frozen=True)
 class LawPoints:
-    """The (s, y) points of one law on one dataset; `excluded` are sparsities whose y is undefined."""
+    """The (s, y) points of one law on one dataset; `excluded` are sparsities whose y is undefined.
+
+    `exact` marks the dense point (y fixed by construction). For accuracy, `var` is each point's own
+    sampling variance of ln acc and `shared_var` that of ln acc0, in every y but the dense one; both are 0
+    when `sampling` is "none" (a results file without standard errors or item counts).
+    """
 
     s: np.ndarray
     y: np.ndarray
     excluded: list[float]
+    exact: np.ndarray
+    var: np.ndarray
+    shared_var: float = 0.0
+    n_items: int | None = None  # items per evaluation (for a new point's sampling variance); None: unknown
+    sampling: str = "none"  # "stderr" (recorded), "n" (from the item count) or "none"
+
+
+def _binomial_se(metrics: dict[str, Any], acc_key: str) -> float | None:
+    """Standard error of a task's accuracy: as recorded, else from its item count n (scoring.rate's form)."""
+    se = metrics.get(STDERR_KEYS[acc_key])
+    if _is_number(se):
+        return float(se)
+    n, p = metrics.get("n"), metrics.get(acc_key)
+    if isinstance(n, int) and n > 1 and _is_number(p):
+        return math.sqrt(p * (1.0 - p) / (n - 1))
+    return None
+
+
+def _item_count(metrics: dict[str, Any], acc_key: str) -> int | None:
+    """Items behind an accuracy: recorded n, else the n that `rate` would turn into the recorded stderr."""
+    if isinstance(metrics.get("n"), int):
+        return int(metrics["n"])
+    se, p = metrics.get(STDERR_KEYS[acc_key]), metrics.get(acc_key)
+    if _is_number(se) and se > 0 and _is_number(p):
+        return round(p * (1.0 - p) / se**2) + 1
+    return None
+
+
+def _log_acc_var(metrics: dict[str, Any], acc_key: str) -> float | None:
+    """Delta method: Var(ln acc) = SE^2 / acc^2 (None when no SE is known)."""
+    se = _binomial_se(metrics, acc_key)
+    return None if se is None else (se / metrics[acc_key]) ** 2
 
 
 def law_points(results: dict[str, Any], dataset: str, acc_key: str = "acc") -> LawPoints:
     """(s, y) of `dataset` (`ppl` or a task): y = ln PPL0/ln PPL or ln(acc/acc0), dense point included.
 
     Records without the metric are left out; records where the law is undefined (PPL <= 1, acc == 0) are
-    listed in `excluded`. Raises MechsliceError when the dense record lacks the metric.
+    listed in `excluded`. Accuracy points carry their sampling variances from `stderr` (or the item count
+    `n` of older results); if any point lacks both, none is used. Raises MechsliceError when the dense
+    record lacks the metric.
     """
 
     def value(rec: dict[str, Any]) -> float | None:
@@ -194,7 +241,7 @@ def law_points(results: dict[str, Any], dataset: str, acc_key: str = "acc") -> L
         )
     if not defined(base):
         raise MechsliceError(f"the dense model's {dataset} value {base} leaves the law undefined")
-    s, y, excluded = [], [], []
+    s, y, excluded, used = [], [], [], []
     for rec in results["records"]:
         v = value(rec)
         if v is None:
@@ -204,19 +251,43 @@ def law_points(results: dict[str, Any], dataset: str, acc_key: str = "acc") -> L
             y.append(1.0 if dataset == PPL else 0.0)
         elif not defined(v):
             excluded.append(float(rec["effective_sparsity"]))
+            continue
         else:
             s.append(float(rec["effective_sparsity"]))
             y.append(math.log(base) / math.log(v) if dataset == PPL else math.log(v / base))
-    return LawPoints(np.asarray(s, dtype=np.float64), np.asarray(y, dtype=np.float64), excluded)
+        used.append(rec)
+    exact = np.array([rec is dense for rec in used])
+    points = LawPoints(
+        np.asarray(s, dtype=np.float64), np.asarray(y, dtype=np.float64), excluded, exact, np.zeros(len(used))
+    )
+    if dataset == PPL:
+        return points
+    metrics = [rec["tasks"][dataset] for rec in used]
+    variances = [_log_acc_var(m, acc_key) for m in metrics]
+    if any(v is None for v in variances):
+        return points
+    dense_metrics = dense["tasks"][dataset]
+    return replace(
+        points,
+        var=np.where(exact, 0.0, np.asarray(variances, dtype=np.float64)),
+        shared_var=float(_log_acc_var(dense_metrics, acc_key)),
+        n_items=_item_count(dense_metrics, acc_key),
+        sampling="stderr" if _is_number(dense_metrics.get(STDERR_KEYS[acc_key])) else "n",
+    )
 
 
 @dataclass(frozen=True)
 class FitRow:
-    """One row of the Table 3 analogue: the fitted law on one dataset, with the paper's values beside it."""
+    """One row of the Table 3 analogue: the fitted law on one dataset, with the paper's values beside it.
+
+    `fit` is the paper's unconstrained y = a*s + b (what Table 3 is compared with); `anchored` the line
+    through the exact dense point, y = y(0) + a*s.
+    """
 
     metric: str  # "perplexity" or "accuracy"
     dataset: str  # "ppl" or our task name
     fit: LineFit
+    anchored: LineFit
     points: LawPoints
     literal_rmse: float | None  # perplexity only: RMSE of the paper's literal line y = 1 - s on our points
     paper: dict[str, PaperFit] = field(default_factory=dict)
@@ -229,6 +300,9 @@ class FitRow:
             "paper_dataset": PAPER_DATASETS.get(self.dataset),
             "law": LAWS[self.metric],
             **self.fit.to_dict(),
+            "anchored": self.anchored.to_dict(),
+            "sampling_error": self.points.sampling,
+            "n_items": self.points.n_items,
             "literal_rmse": self.literal_rmse,
             "points": [[float(s), float(y)] for s, y in zip(self.points.s, self.points.y, strict=True)],
             "excluded_sparsities": self.points.excluded,
@@ -294,11 +368,21 @@ def fit_results(results: dict[str, Any], acc_key: str = "acc") -> FitTable:
         except MechsliceError as err:
             skipped[dataset] = str(err)
             continue
-        fit = fit_line(points.s, points.y)
+        fit, anchored = (
+            fit_line(
+                points.s,
+                points.y,
+                exact=points.exact,
+                anchored=through,
+                sampling_var=points.var,
+                shared_var=points.shared_var,
+            )
+            for through in (False, True)
+        )
         literal = None
         if dataset == PPL:
             literal = float(np.sqrt(np.mean((points.y - (1.0 - points.s)) ** 2)))
-        rows.append(FitRow(metric, dataset, fit, points, literal, PAPER_TABLE3.get(dataset, {})))
+        rows.append(FitRow(metric, dataset, fit, anchored, points, literal, PAPER_TABLE3.get(dataset, {})))
     if not rows:
         reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         raise MechsliceError(
@@ -333,11 +417,34 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+ANCHORED_CSV = ("a", "a_ci_low", "a_ci_high", "rmse", "loo_rmse", "dof", "sigma")
+
+
 def csv_columns() -> list[str]:
-    """Columns of fits.csv: Table 3's layout with our statistics, then the paper's a, b, RMSE per model."""
+    """Columns of fits.csv: Table 3's layout with our statistics, then the paper's a, b, RMSE per model.
+
+    a .. n_points: the paper's unconstrained fit (dense point included); `dof` its residual degrees of
+    freedom (sparsities > 0 minus 2: the exact dense point earns none), `sigma` the law's scatter beyond
+    sampling error, `sampling_error` where the accuracy standard errors came from ("stderr", "n" or "none");
+    `anchored_*` the one-parameter fit through the dense point (its b is 1 for perplexity, 0 for accuracy).
+    """
     ours = ["metric", "dataset", "paper_dataset", "acc_key", "a", "b", "rmse", "r2", "a_ci_low", "a_ci_high"]
     ours += ["b_ci_low", "b_ci_high", "loo_rmse", "loo_max_abs", "n_points", "dense_point_included"]
+    ours += ["dof", "sigma", "sampling_error", *(f"anchored_{k}" for k in ANCHORED_CSV)]
     return ours + [f"paper_{slug}_{k}" for slug in PAPER_MODELS.values() for k in ("a", "b", "rmse")]
+
+
+def _fit_cells(f: LineFit) -> dict[str, object]:
+    """The per-fit cells of a fits.csv row (None where undefined)."""
+    return {
+        "a": f.a,
+        "a_ci_low": None if f.a_ci is None else f.a_ci[0],
+        "a_ci_high": None if f.a_ci is None else f.a_ci[1],
+        "rmse": f.rmse,
+        "loo_rmse": f.loo_rmse,
+        "dof": f.dof,
+        "sigma": f.sigma,
+    }
 
 
 def _csv_row(row: FitRow, acc_key: str) -> dict[str, object]:
@@ -347,18 +454,16 @@ def _csv_row(row: FitRow, acc_key: str) -> dict[str, object]:
         "dataset": row.dataset,
         "paper_dataset": PAPER_DATASETS.get(row.dataset, ""),
         "acc_key": acc_key if row.metric == "accuracy" else "",
-        "a": f.a,
+        **_fit_cells(f),
         "b": f.b,
-        "rmse": f.rmse,
         "r2": f.r2,
-        "a_ci_low": None if f.a_ci is None else f.a_ci[0],
-        "a_ci_high": None if f.a_ci is None else f.a_ci[1],
         "b_ci_low": None if f.b_ci is None else f.b_ci[0],
         "b_ci_high": None if f.b_ci is None else f.b_ci[1],
-        "loo_rmse": f.loo_rmse,
         "loo_max_abs": f.loo_max_abs,
         "n_points": f.n,
         "dense_point_included": "yes",
+        "sampling_error": row.points.sampling,
+        **{f"anchored_{k}": v for k, v in _fit_cells(row.anchored).items()},
     }
     for name, slug in PAPER_MODELS.items():
         paper = row.paper.get(name)
@@ -419,37 +524,57 @@ def ppl_from_entropy_ratio(ppl0: float, ratio: float) -> float:
     return math.inf if ppl is None else ppl
 
 
+def _new_point_var(points: LawPoints, acc: float) -> float:
+    """Sampling variance of ln acc for a new model scored on the same items (0 when unknown or perplexity)."""
+    n = points.n_items
+    if points.sampling == "none" or n is None or n < 2 or acc <= 0.0:
+        return 0.0
+    return (1.0 - acc) / ((n - 1) * acc)
+
+
+def _law_prediction(row: FitRow, fit: LineFit, s: float, base: float) -> dict[str, Any]:
+    """y, its prediction interval, and both mapped back to PPL (base = PPL0) or acc (base = acc0)."""
+    y = fit.predict(s)
+    if row.dataset == PPL:
+        y_int = fit.prediction_interval(s)
+        # y decreasing means perplexity increasing: the low end of y gives the high end of PPL.
+        interval = None if y_int is None else [ppl_from_y(base, y_int[1]), ppl_from_y(base, y_int[0])]
+        predicted = ppl_from_y(base, y)
+    else:
+        predicted = acc_from_y(base, y)
+        y_int = fit.prediction_interval(s, new_var=_new_point_var(row.points, predicted))
+        interval = None if y_int is None else [acc_from_y(base, v) for v in y_int]
+    return {
+        "y": y,
+        "y_interval": None if y_int is None else list(y_int),
+        "predicted": predicted,
+        "interval": interval,
+    }
+
+
 def predict(fits: FitTable, sparsity: float, ppl0: float | None, acc0s: dict[str, float]) -> dict[str, Any]:
     """Predicted perplexity and accuracies at an unseen `sparsity`, with 95% prediction intervals.
 
-    The interval of y is mapped back through the law: PPL = exp(ln PPL0 / y) (an upper bound is None when
-    the interval reaches y <= 0: unbounded), acc = acc0 * exp(y) capped at 1. `extrapolated` flags an s
-    outside the fitted range. The paper's literal law PPL = exp(ln PPL0 / (1 - s)) is given beside the fit.
+    From the paper's unconstrained fit, and under `anchored` from the fit through the dense point. The
+    interval of y is mapped back through the law: PPL = exp(ln PPL0 / y) (an upper bound is None when the
+    interval reaches y <= 0: unbounded), acc = acc0 * exp(y) capped at 1; an accuracy interval holds a new
+    model's accuracy measured on as many items as the sweep's (its binomial error included). `extrapolated`
+    flags an s outside the fitted range. The paper's literal law PPL = exp(ln PPL0 / (1 - s)) is given too.
     """
     s = check_sparsity(sparsity)
     out: dict[str, Any] = {"sparsity": s, "acc_key": fits.acc_key, "level": None, "ppl": None, "tasks": {}}
     for row in fits.rows:
-        y, y_int = row.fit.predict(s), row.fit.prediction_interval(s)
         out["level"] = row.fit.level
-        entry: dict[str, Any] = {
-            "y": y,
-            "y_interval": None if y_int is None else list(y_int),
-            "extrapolated": not row.fit.s_min <= s <= row.fit.s_max,
-        }
+        base = ppl0 if row.dataset == PPL else acc0s.get(row.dataset)
+        if base is None:
+            continue
+        entry = _law_prediction(row, row.fit, s, base)
+        entry["extrapolated"] = not row.fit.s_min <= s <= row.fit.s_max
+        entry["anchored"] = _law_prediction(row, row.anchored, s, base)
         if row.dataset == PPL:
-            if ppl0 is None:
-                continue
-            entry["predicted"] = ppl_from_y(ppl0, y)
-            # y decreasing means perplexity increasing: the low end of y gives the high end of PPL.
-            entry["interval"] = (
-                None if y_int is None else [ppl_from_y(ppl0, y_int[1]), ppl_from_y(ppl0, y_int[0])]
-            )
-            entry["paper_law"] = ppl_from_y(ppl0, 1.0 - s)
+            entry["paper_law"] = ppl_from_y(base, 1.0 - s)
             out["ppl"] = entry
-        elif row.dataset in acc0s:
-            acc0 = acc0s[row.dataset]
-            entry["predicted"] = acc_from_y(acc0, y)
-            entry["interval"] = None if y_int is None else [acc_from_y(acc0, v) for v in y_int]
+        else:
             out["tasks"][row.dataset] = entry
     return out
 

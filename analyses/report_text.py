@@ -8,7 +8,15 @@ from typing import Any
 
 import numpy as np
 
-from analyses.laws import PAPER_DATASETS, PAPER_TABLE3, PPL, FitTable, dense_record, entropy_predictions
+from analyses.laws import (
+    PAPER_DATASETS,
+    PAPER_TABLE3,
+    PPL,
+    STDERR_KEYS,
+    FitTable,
+    dense_record,
+    entropy_predictions,
+)
 
 PAPER_SHORT = {"Llama-3-8B-Instruct": "Llama-3", "Phi-3-mini-4k-Instruct": "Phi-3"}
 # Accuracy of a uniform guess, 1 / number of choices (ARC has a few 3- and 5-choice questions; 4 is the rule).
@@ -18,7 +26,6 @@ NEAR_CHANCE = 0.05
 # A slope interval wider than +-0.25 cannot tell the paper's two models apart (a = -1.08 and -0.90) nor either
 # from -1 by more than its own width, so the summary calls it inconclusive instead of "holds".
 DECISIVE_HALF_WIDTH = 0.25
-STDERR_KEYS = {"acc": "stderr", "acc_norm": "acc_norm_stderr"}
 
 
 def fmt(x: float | None, spec: str = ".3f") -> str:
@@ -49,7 +56,10 @@ def _prop2_summary(table: FitTable) -> str:
         f"(RMSE {f.rmse:.3f}, R² {fmt(f.r2)}, {f.n} points, PPL0 = {fmt(table.ppl0, '.3g')}). "
     )
     if f.a_ci is None or f.b_ci is None:
-        text += "With two points there are no confidence intervals, so the paper's line cannot be tested. "
+        text += (
+            "With under three sparsities beside the dense model there are no confidence intervals (the dense "
+            "point is exact, so it adds no degree of freedom): the paper's line cannot be tested. "
+        )
     elif (f.a_ci[1] - f.a_ci[0]) / 2 > DECISIVE_HALF_WIDTH:
         text += (
             f"Our 95% interval on a, {ci_text(f.a_ci)}, is too wide to confirm or reject the paper's slope -1 "
@@ -63,6 +73,11 @@ def _prop2_summary(table: FitTable) -> str:
             "Prop. 2 does not hold exactly here. "
         )
     text += f"Read literally, y = 1 - s misses our points by RMSE {fmt(row.literal_rmse)}. "
+    anchored = row.anchored
+    text += (
+        f"Through the dense point (y = 1 + a·s, which knows y(0) = 1 exactly): a = {anchored.a:+.3f} "
+        f"{ci_text(anchored.a_ci)}, RMSE {anchored.rmse:.3f}. "
+    )
     paper = row.paper
     slopes = sorted(p.a for p in paper.values())
     if slopes:
@@ -98,15 +113,16 @@ def _resolved(results: dict[str, Any], task: str, acc_key: str) -> bool | None:
 
 
 def _prop3_summary(table: FitTable, task: str, results: dict[str, Any]) -> str:
-    f = table.row(task).fit
+    row = table.row(task)
+    f = row.fit
     interval = "" if f.a_ci is None else f" {ci_text(f.a_ci)}"
     text = f"{task_label(task)}: a = {f.a:+.3f}{interval}, b = {f.b:+.3f}, RMSE {f.rmse:.3f}, R² {fmt(f.r2)}"
     paper = PAPER_TABLE3.get(task, {})
     if paper:
         text += " (Table 3: " + ", ".join(f"{PAPER_SHORT[m]} a = {p.a:+.2f}" for m, p in paper.items()) + ")"
-    text += ". "
+    text += f". Through the dense point a = {row.anchored.a:+.3f} {ci_text(row.anchored.a_ci)}. "
     if f.a_ci is None:
-        text += "Two points: no interval on the slope. "
+        text += "Under three sparsities beside the dense model: no interval on the slope. "
     elif f.a_ci[1] < 0.0:
         text += "Accuracy falls with s, as Prop. 3 says. "
     elif f.a_ci[0] > 0.0:

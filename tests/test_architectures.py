@@ -221,6 +221,9 @@ def test_sliced_model_saves_reloads_traces_and_conforms(family, rotation, tmp_pa
     # TransformerLens 4.3's joint-QKV attention (Phi-3) never fires hook_rot_q/k: RoPE is checked through W_a.
     expected = {s for _, s in EQUATIONS} - (rope_stages if family == "phi3" else set())
     assert checked == expected
+    assert report.missing == []  # the verdict covers every pair: RoPE on Phi-3 is declared, with its reason
+    assert set(report.not_applicable) == ({"RoPE(Q)", "RoPE(K)"} if family == "phi3" else set())
+    assert all(layers == [0, 1] for layers, _ in report.not_applicable.values())
 
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])

@@ -36,6 +36,7 @@ def test_tiny_model_conforms_dense_and_sliced(rotation: str | None) -> None:
     report = check_conformance(lm, _ids(128, (2, 16)))
     assert report.passed, report.worst()
     assert len(report.deviations) == 2 * len(EQUATIONS)
+    assert report.missing == [] and report.not_applicable == {}
     d = 64 if rotation is None else 48
     assert report.shared_d == [d]  # Table 2: every matrix's residual side is the same d (d' once sliced)
     assert all(w["matches"] for w in report.weights)
@@ -54,6 +55,27 @@ def test_a_wrong_stage_is_caught() -> None:
     bad = {(d.layer, d.equation) for d in report.deviations if d.max_rel > REL_TOL}
     assert bad == {(1, "(7) W_a V")}
     assert not report.passed
+
+
+@pytest.mark.parametrize(
+    ("owner", "hook", "equation"),
+    [("", "hook_out", "residual E_mid S_mlp + down"), ("attn", "hook_rot_q", "RoPE(Q)")],
+)
+def test_a_hook_that_never_fires_fails_and_is_named(owner: str, hook: str, equation: str) -> None:
+    """A bridge that skips one hook point of block 1 leaves that pair unchecked: a FAIL, not a vacuous pass."""
+    lm = tiny()
+    block = lm.bridge.blocks[1]
+    setattr(
+        getattr(block, owner) if owner else block, hook, torch.nn.Identity()
+    )  # the bridge calls it, unhooked
+    report = check_conformance(lm, _ids(128, (1, 16)))
+    assert not report.passed  # the original code passed here: the pair silently dropped out of the verdict
+    assert report.missing == [(1, equation)]
+    assert (
+        len(report.deviations) == 2 * len(EQUATIONS) - 1
+    )  # everything else, layer 1 included, still checked
+    assert all(d.max_rel <= REL_TOL for d in report.deviations)  # the only reason to fail is the missing pair
+    assert report.to_dict()["missing"] == [{"layer": 1, "equation": equation}]
 
 
 def test_bad_input() -> None:

@@ -200,6 +200,12 @@ def test_report_contains_table3_numbers(tmp_path: Path) -> None:
         for value in (f"{f.a:+.3f}", f"{f.b:+.3f}", f"{f.rmse:.3f}", f"{f.r2:.3f}", f"{f.loo_rmse:.3f}"):
             assert value in table_html, (row.dataset, value)
         assert f"[{f.a_ci[0]:+.3f}, {f.a_ci[1]:+.3f}]" in table_html
+        g = row.anchored  # the fit through the dense point, beside the paper's
+        assert f"<td>{f.dof}</td><td>{f.a:+.3f}</td>" in table_html
+        assert (
+            f"<td>{g.a:+.3f}</td><td>[{g.a_ci[0]:+.3f}, {g.a_ci[1]:+.3f}]</td><td>{g.rmse:.3f}</td>"
+            in table_html
+        )
     # The paper's values sit beside ours: Table 3, Llama-3 and Phi-3, perplexity and ARC-c.
     assert "-1.08, +0.96, 0.03" in table_html and "-0.90, +1.02, 0.01" in table_html
     assert "-2.02, -0.07, 0.09" in table_html
@@ -261,6 +267,10 @@ def test_summary_reports_prop2_and_near_chance_task(tmp_path: Path) -> None:
     text = "\n".join(summary(results, table, None))
     f = table.row("ppl").fit
     assert f"y = {f.a:+.3f}·s {f.b:+.3f}" in text
+    assert (
+        f"Through the dense point (y = 1 + a·s, which knows y(0) = 1 exactly): a = {table.row('ppl').anchored.a:+.3f}"
+        in text
+    )
     # Our slope -1.2 is outside the interval around -1 and steeper than both of the paper's models.
     assert "outside our 95% intervals" in text and "steeper than both" in text
     # ARC-c's acc0 = 0.27 is within 0.05 of chance 0.25; ARC-e's 0.52 is not.
@@ -300,8 +310,8 @@ def test_summary_accepts_paper_line_when_it_fits() -> None:
 
 
 def test_summary_calls_a_wide_interval_inconclusive() -> None:
-    # Three points, the middle one far off the line: the slope's interval spans several units.
-    results = make_results(nominal=(0.0, 0.25, 0.5))
+    # Three sparsities beside the dense point (1 dof), one far off the line: the slope's interval is wide.
+    results = make_results(nominal=(0.0, 0.25, 0.375, 0.5))
     mid = results["records"][1]
     mid["ppl"] = math.exp(math.log(PPL0) / (1.0 - mid["effective_sparsity"] + 0.2))
     table = fit_results(results)
@@ -310,6 +320,15 @@ def test_summary_calls_a_wide_interval_inconclusive() -> None:
     text = "\n".join(summary(results, table, None))
     assert f"Our 95% interval on a, [{lo:+.3f}, {hi:+.3f}], is too wide" in text
     assert "holds here" not in text and "does not hold" not in text
+
+
+def test_summary_has_no_interval_from_two_sparsities() -> None:
+    # Two sparsities beside the exact dense point leave the two-parameter fit no degree of freedom.
+    table = fit_results(make_results(nominal=(0.0, 0.25, 0.5)))
+    assert table.row("ppl").fit.dof == 0 and table.row("ppl").fit.a_ci is None
+    assert table.row("ppl").anchored.a_ci is not None  # the one-parameter fit through it still has one
+    text = "\n".join(summary(make_results(nominal=(0.0, 0.25, 0.5)), table, None))
+    assert "no confidence intervals" in text and "cannot be tested" in text
 
 
 def test_quick_note() -> None:

@@ -67,6 +67,7 @@ def test_trace_text_table_and_conformance(
     p = _json(capsys, ["trace", "--model", tiny_folder, "--text", "The cat sat on the warm mat.", "--json"])
     assert len(p["stages"]) == 2 * 22
     assert p["conformance"]["passed"] and p["conformance"]["shared_d"] == [64]
+    assert p["conformance"]["missing"] == [] and p["conformance"]["not_applicable"] == []
     assert p["tokens"] == p["stages"][0]["shape"][0]
     argv = ["trace", "--model", tiny_folder, "--corpus", corpus, "--max-tokens", "256", "--seqlen", "128"]
     assert main([*argv, "--layers", "1"]) == 0

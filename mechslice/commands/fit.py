@@ -1,4 +1,10 @@
-"""`mechslice fit DIR`: refit the paper's laws (Props. 2, 3) on DIR/results.json; write fits.json, .csv."""
+"""`mechslice fit DIR`: refit the paper's laws (Props. 2, 3) on DIR/results.json; write fits.json, .csv.
+
+Per dataset: the paper's unconstrained y = a*s + b (a, b, CIs, RMSE, R^2, LOO; `dof` its residual degrees of
+freedom, sparsities > 0 minus 2, since the dense point is exact) and beside it the fit through the dense point
+(`anchored` in the JSON, `anchored_*` in the CSV: a, its CI, RMSE, dof). Accuracy intervals include the
+standard errors of acc and acc0 (`sampling_error` says where they came from). See `laws.csv_columns`.
+"""
 
 from __future__ import annotations
 
@@ -45,8 +51,8 @@ def format_table(payload: dict[str, Any]) -> str:
     lines = [
         f"law fits for {payload['model']} (accuracy key: {payload['acc_key']}); y = a*s + b, 95% CIs",
         DENSE_NOTE,
-        f"{'metric':<10} {'dataset':<14} {'n':>2} {'a':>7} {'CI of a':>16} {'b':>7} {'CI of b':>16} "
-        f"{'RMSE':>6} {'R^2':>6} {'LOO':>6} | {paper_head}",
+        f"{'metric':<10} {'dataset':<14} {'n':>2} {'dof':>3} {'a':>7} {'CI of a':>16} {'b':>7} {'CI of b':>16} "
+        f"{'RMSE':>6} {'R^2':>6} {'LOO':>6} | {'anchored a':>10} {'CI':>16} | {paper_head}",
     ]
     for row in payload["rows"]:
         paper = " | ".join(
@@ -59,7 +65,10 @@ def format_table(payload: dict[str, Any]) -> str:
         ours += [_num(row[k], ".3f") for k in ("rmse", "r2", "loo_rmse")]
         widths = (7, 16, 7, 16, 6, 6, 6)
         cells = " ".join(f"{v:>{w}}" for v, w in zip(ours, widths, strict=True))
-        lines.append(f"{row['metric']:<10} {row['dataset']:<14} {row['n']:>2} {cells} | {paper}")
+        anchored = f"{_num(row['anchored']['a']):>10} {_ci(row['anchored']['a_ci']):>16}"
+        lines.append(
+            f"{row['metric']:<10} {row['dataset']:<14} {row['n']:>2} {row['dof']:>3} {cells} | {anchored} | {paper}"
+        )
         if row["literal_rmse"] is not None:
             lines.append(f"{'':<10} {'':<14} paper's literal line y = 1 - s: RMSE {row['literal_rmse']:.3f}")
     lines += [f"skipped {name}: {why}" for name, why in payload["skipped"].items()]

@@ -1,4 +1,8 @@
-"""`mechslice predict --sparsity S --from DIR`: perplexity and accuracies at an unseen s, from the laws."""
+"""`mechslice predict --sparsity S --from DIR`: perplexity and accuracies at an unseen s, from the laws.
+
+Each metric has `predicted`, `interval` (95% prediction interval), `y`, `y_interval`, `extrapolated` from the
+paper's unconstrained fit, and the same from the fit through the dense point under `anchored`.
+"""
 
 from __future__ import annotations
 
@@ -29,15 +33,19 @@ def _value(x: float | None, spec: str) -> str:
     return "unbounded" if x is None else format(x, spec)
 
 
+def _bounds(interval: list[float | None] | None, spec: str) -> str:
+    if interval is None:
+        return "no interval (too few sparsities)"
+    return f"[{_value(interval[0], spec)}, {_value(interval[1], spec)}]"
+
+
 def _line(name: str, entry: dict[str, Any], spec: str) -> str:
-    interval = entry["interval"]
-    bounds = (
-        "no interval (2 points)"
-        if interval is None
-        else (f"[{_value(interval[0], spec)}, {_value(interval[1], spec)}]")
-    )
     extra = " (extrapolated)" if entry["extrapolated"] else ""
-    return f"{name:<22} {_value(entry['predicted'], spec):>10}  {bounds}{extra}"
+    anchored = entry["anchored"]
+    return (
+        f"{name:<22} {_value(entry['predicted'], spec):>10}  {_bounds(entry['interval'], spec)}{extra}; "
+        f"through the dense point {_value(anchored['predicted'], spec)} {_bounds(anchored['interval'], spec)}"
+    )
 
 
 def format_prediction(payload: dict[str, Any]) -> str:

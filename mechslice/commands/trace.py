@@ -112,5 +112,9 @@ def _text(p: dict[str, Any]) -> str:
             f"conformance {verdict} (max relative deviation per equation, tolerance {c['rel_tol']:g}):"
         )
         lines += [f"  {eq:<30} {dev:.2e}" for eq, dev in c["worst"].items()]
+        lines += [f"  {n['equation']:<30} not applicable: {n['reason']}" for n in c["not_applicable"]]
+        lines += [
+            f"  never checked (hook did not fire): layer {m['layer']} {m['equation']}" for m in c["missing"]
+        ]
         lines.append(f"Table 2: every weight's residual side has width {c['shared_d']}")
     return "\n".join(lines)
