@@ -73,10 +73,11 @@ def subsample_rows(X: Float[np.ndarray, "n d"], n_samples: int, seed: int = 0) -
 def rms_normalised(X: Sample, d: int) -> Float[np.ndarray, "n k"]:
     """x / sqrt(sum(x^2) / d) per token: the stream as the next block's RMSNorm reads it (before its weight).
 
-    d is the ORIGINAL width for dense and sliced streams alike: SliceGPT's norm over the d' kept channels
-    divides the sum of squares by d (`resize_norm`), so a sliced token keeps the unit of its dense original
-    and its norm shrinks by the energy slicing dropped. The norm's eps (1e-5 against mean squares of order
-    1..1e3) is left out: it is a model detail, not part of the unit.
+    d is the ORIGINAL width for dense and sliced streams alike: SliceGPT's RMSN over the d' kept channels
+    divides the sum of squares by d, not d', so every normalised token, dense or sliced, has norm sqrt(d)
+    (a sliced one spreads it over d' channels). This follows SliceGPT's definition of the stream, not how a
+    norm module stores it (mechslice's `resize_norm` weight, or a factor folded into the readers). The eps
+    (1e-5 against mean squares of order 1..1e3) is left out: a model detail, not part of the unit.
     """
     x = as_sample(X)
     if d < x.shape[1]:
@@ -521,11 +522,23 @@ def _by_layer(samples: Mapping[Any, Sample] | Sequence[Sample]) -> dict[str, Sam
     return {str(k): v for k, v in items}
 
 
-def _compare(est: str, x0: np.ndarray, xs: np.ndarray, kw: Mapping[str, Any]) -> EstimatorComparison:
-    """One estimator on both streams; the marginal sum in each stream's own principal axes (see module doc)."""
-    if est == "marginal":
-        x0, xs = principal_axes(x0), principal_axes(xs)
-    h0, hs = estimate(est, x0, **kw), estimate(est, xs, **kw)
+def _compare(
+    est: str,
+    x0: np.ndarray,
+    xs: np.ndarray,
+    kw: Mapping[str, Any],
+    spectra: tuple[np.ndarray, np.ndarray] | None,
+) -> EstimatorComparison:
+    """One estimator on both streams; the marginal sum in each stream's own principal axes (see module doc).
+
+    `spectra` (the covariance spectra of both, when n > d) spares the Gaussian estimator a second eigensolve.
+    """
+    if est == "gaussian" and spectra is not None:
+        h0, hs = (gaussian_entropy_from_spectrum(lam, **kw) for lam in spectra)
+    elif est == "marginal":
+        h0, hs = estimate(est, principal_axes(x0), **kw), estimate(est, principal_axes(xs), **kw)
+    else:
+        h0, hs = estimate(est, x0, **kw), estimate(est, xs, **kw)
     d, d_s = x0.shape[1], xs.shape[1]
     r = entropy_ratio(hs, h0)
     return EstimatorComparison(
@@ -573,10 +586,13 @@ def layer_entropy_summary(
         d, d_s = x0.shape[1], xs.shape[1]
         if stream == "normalised":
             x0, xs = rms_normalised(x0, d), rms_normalised(xs, d)
-        comparisons = {est: _compare(est, x0, xs, kwargs.get(est, {})) for est in estimators}
-        top = rank = None
+        spectra = None
         if x0.shape[0] > d and xs.shape[0] > d_s:
-            lam, lam_s = covariance_spectrum(x0), covariance_spectrum(xs)
+            spectra = covariance_spectrum(x0), covariance_spectrum(xs)
+        comparisons = {est: _compare(est, x0, xs, kwargs.get(est, {}), spectra) for est in estimators}
+        top = rank = None
+        if spectra is not None:
+            lam, lam_s = spectra
             e0, es = effective_rank_from_spectrum(lam), effective_rank_from_spectrum(lam_s)
             rank = RankComparison(e0, es, es / e0)
             if d_s <= d:

@@ -166,11 +166,16 @@ def _entropy_table(records: Sequence[dict[str, Any]], estimators: Sequence[str])
             if signal is None or signal.ratio is None:
                 cells.append("n/a")
                 continue
-            used = f"{len(signal.layers)}/{len(st['ratio_per_layer'])}" if st.get("ratio_per_layer") else "?"
-            cell = f"{fmt(signal.ratio)} ({used})"
-            sens = [st["unit_sensitivity_per_layer"][int(k)] for k in signal.layers] if _has_sens(st) else []
-            if sens and all(v is not None for v in sens):
-                cell += f", {fmt(float(sum(sens) / len(sens)), '+.3f')}"
+            per_layer = st.get("ratio_per_layer") or []
+            cell = (
+                f"{fmt(signal.ratio)} ({len(signal.layers)}/{len(per_layer)})"
+                if per_layer
+                else fmt(signal.ratio)
+            )
+            sens = st.get("unit_sensitivity_per_layer") or []
+            used = [sens[int(k)] for k in signal.layers] if len(sens) == len(per_layer) else []
+            if used and all(v is not None for v in used):
+                cell += f", {fmt(float(sum(used) / len(used)), '+.3f')}"
             if st.get("kappa_mean") is not None:
                 cell += f", κ {fmt(st['kappa_mean'], '.4g')}"
             cells.append(cell)
@@ -180,10 +185,6 @@ def _entropy_table(records: Sequence[dict[str, Any]], estimators: Sequence[str])
 
 _ENTROPY_HEAD = "mean H'/H (layers used), d(H'/H)/d ln c, mean κ"
 _RATIO_HEAD = {RANK: "mean erank'/erank (layers used)"}
-
-
-def _has_sens(st: dict[str, Any]) -> bool:
-    return len(st.get("unit_sensitivity_per_layer") or []) == len(st.get("ratio_per_layer") or [None])
 
 
 def entropy_section(results: dict[str, Any], render: FigureRenderer) -> str:
