@@ -5,12 +5,18 @@ kappa, so H(E) = l*d*kappa and slicing d to d' = (1-s)d gives H(E')/H(E) = 1-s. 
 vectors of width d (n, d); every estimator returns the entropy h of ONE vector (nats), so under the paper's
 independent-tokens reading H(E) = l*h and kappa = h/d (`unit_entropy`).
 
-Two caveats every caller should keep in mind:
-- differential entropy depends on scale (h(cX) = h(X) + d*log|c|) and can be negative, so H'/H is only a
-  meaningful "fraction of entropy kept" when both have the same sign; `entropy_ratio` reports it anyway and
-  flags the sign;
-- the estimators differ in what they assume (Gaussianity, independence of dims, or nothing but with a large
-  high-d bias); compare like with like: the same estimator, the same number of samples.
+What a dense-vs-sliced ratio here means, and why (`layer_entropy_summary`):
+- differential entropy depends on the unit: h(cX) = h(X) + d*log|c|, so H'/H of a width-d' and a width-d
+  stream changes with c (and tends to d'/d = 1-s for ANY data as c grows). Ratios are therefore taken on the
+  stream in the unit the model itself fixes, the RMS-normalised stream every block reads
+  (`rms_normalised`), with d(H'/H)/d(log c) beside them (`unit_sensitivity`) and a unit- and rotation-free
+  companion, the effective rank of the covariance spectrum (`effective_rank`);
+- the sum of marginals is not rotation invariant, so each stream is first expressed in its own principal
+  axes (`principal_axes`), the basis SliceGPT puts the sliced stream in;
+- the k-NN estimator's bias depends on d, so at d vs d' it is left out of ratios unless asked for
+  (`include_knn`); on one stream it is fine;
+- H'/H reads as "fraction of entropy kept" only when both have the same sign (`EntropyRatio.same_sign`);
+  `ratio_signal` averages only such layers and says which it left out.
 
 All arithmetic is float64 numpy; inputs may be numpy arrays or torch tensors of shape (..., d).
 """
@@ -18,6 +24,7 @@ All arithmetic is float64 numpy; inputs may be numpy arrays or torch tensors of 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -61,6 +68,37 @@ def subsample_rows(X: Float[np.ndarray, "n d"], n_samples: int, seed: int = 0) -
         return X
     idx = np.sort(np.random.default_rng(seed).choice(n, size=n_samples, replace=False))
     return X[idx]
+
+
+def rms_normalised(X: Sample, d: int) -> Float[np.ndarray, "n k"]:
+    """x / sqrt(sum(x^2) / d) per token: the stream as the next block's RMSNorm reads it (before its weight).
+
+    d is the ORIGINAL width for dense and sliced streams alike: SliceGPT's RMSN over the d' kept channels
+    divides the sum of squares by d, not d', so every normalised token, dense or sliced, has norm sqrt(d)
+    (a sliced one spreads it over d' channels). This follows SliceGPT's definition of the stream, not how a
+    norm module stores it (mechslice's `resize_norm` weight, or a factor folded into the readers). The eps
+    (1e-5 against mean squares of order 1..1e3) is left out: a model detail, not part of the unit.
+    """
+    x = as_sample(X)
+    if d < x.shape[1]:
+        raise MechsliceError(f"the original width d={d} is smaller than the stream's {x.shape[1]} channels")
+    sq = np.sum(x * x, axis=1, keepdims=True)
+    if (sq <= 0.0).any():
+        raise MechsliceError("a token vector is all zero: it has no RMS unit; drop it before normalising")
+    return x / np.sqrt(sq / d)
+
+
+def principal_axes(X: Sample) -> Float[np.ndarray, "n d"]:
+    """X in the eigenbasis of its uncentred second moment X^T X / n, leading direction first.
+
+    This is the basis SliceGPT rotates a stream into (`mechslice.slicing.calibration.pca`: uncentred, descending),
+    so a sliced stream is already close to it and a dense stream is put in the same kind of basis. Estimators
+    that are not rotation invariant (the sum of marginals) then compare like with like: any rotation of X,
+    e.g. a PCA rotation with nothing removed, gives the same rotated sample up to the signs of its columns.
+    """
+    x = as_sample(X)
+    _, vecs = np.linalg.eigh(x.T @ x / x.shape[0])
+    return x @ vecs[:, ::-1]
 
 
 # --- Gaussian (covariance spectrum) -------------------------------------------------------------------------
@@ -141,6 +179,26 @@ def gaussian_entropy_top(X: Sample, k: int, rel_floor: float = REL_EIG_FLOOR) ->
     if not 1 <= k <= lam.size:
         raise MechsliceError(f"top-k entropy needs 1 <= k <= d={lam.size}, got k={k}")
     return gaussian_entropy_from_spectrum(lam[:k], lambda_max=float(lam[0]), rel_floor=rel_floor)
+
+
+def effective_rank_from_spectrum(eigvals: Float[np.ndarray, " k"]) -> float:
+    """exp(H(p)) with p = lambda / sum(lambda): how many directions the variance is spread over (1..k).
+
+    Invariant to the unit (p does not change when X is scaled) and to rotations (it depends on the spectrum
+    only), so a ratio of two of them is free of both caveats of a differential-entropy ratio. Round-off
+    negatives are taken as 0.
+    """
+    lam = np.maximum(np.asarray(eigvals, dtype=np.float64), 0.0)
+    total = float(lam.sum())
+    if total <= 0.0:
+        raise MechsliceError("covariance spectrum is empty or all zero (constant sample); it has no rank")
+    p = lam[lam > 0.0] / total
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def effective_rank(X: Sample) -> float:
+    """Effective rank exp(H(lambda / sum lambda)) of X's covariance spectrum (needs n > d)."""
+    return effective_rank_from_spectrum(covariance_spectrum(X))
 
 
 # --- Sum of 1-D marginal entropies -------------------------------------------------------------------------
@@ -260,6 +318,13 @@ ESTIMATORS: dict[str, Callable[..., float]] = {
     "marginal": _marginal_total,
     "knn": knn_entropy,
 }
+# The estimators a dense-vs-sliced ratio uses unless told otherwise.
+RATIO_ESTIMATORS: tuple[str, ...] = ("gaussian", "marginal")
+# Estimators whose bias depends on d: H at d and H' at d' are biased differently, so their ratio is not H'/H.
+BIASED_IN_D = ("knn",)
+# "normalised": x / rms(x), the unit the model fixes (`rms_normalised`); "raw": the block output as it is.
+STREAMS = ("normalised", "raw")
+RANK = "effective_rank"  # the key of the effective-rank companion beside the estimators
 
 
 def estimate(name: str, X: Sample, **kw: Any) -> float:
@@ -267,6 +332,23 @@ def estimate(name: str, X: Sample, **kw: Any) -> float:
     if name not in ESTIMATORS:
         raise MechsliceError(f"unknown entropy estimator {name!r}; choose one of {sorted(ESTIMATORS)}")
     return ESTIMATORS[name](X, **kw)
+
+
+def check_ratio_estimators(names: Sequence[str], include_knn: bool = False) -> tuple[str, ...]:
+    """The estimator names for a dense-vs-sliced ratio: known ones, and kNN only when `include_knn`."""
+    names = tuple(names)
+    unknown = [n for n in names if n not in ESTIMATORS]
+    if unknown or not names:
+        raise MechsliceError(
+            f"unknown entropy estimator {unknown or list(names)}; choose from {sorted(ESTIMATORS)}"
+        )
+    biased = [n for n in names if n in BIASED_IN_D]
+    if biased and not include_knn:
+        raise MechsliceError(
+            f"{', '.join(biased)}: its bias depends on the dimension, so a ratio at d vs d' compares two "
+            "differently biased numbers; leave it out, or pass include_knn (--include-knn) to record it anyway"
+        )
+    return names
 
 
 @dataclass
@@ -283,6 +365,17 @@ def entropy_ratio(H_sliced: float, H_dense: float) -> EntropyRatio:
     return EntropyRatio(ratio=ratio, same_sign=H_sliced * H_dense > 0.0)
 
 
+def unit_sensitivity(H_sliced: float, H_dense: float, d_sliced: int, d: int) -> float:
+    """d(H'/H)/d(log c): how far the ratio moves per factor e in the unit of both streams, (d' - d H'/H)/H.
+
+    From h(cX) = h(X) + d log c: at width d' < d no ratio is unit-free; |value| * log(2) is the change if the
+    unit were halved or doubled. nan when H is 0.
+    """
+    if H_dense == 0.0:
+        return math.nan
+    return (d_sliced - d * H_sliced / H_dense) / H_dense
+
+
 def unit_entropy(H: float, l: int, d: int) -> float:  # noqa: E741 (l: the paper's token count)
     """kappa = H/(l*d), from the paper's H(E) = l*d*kappa for l tokens of width d.
 
@@ -294,12 +387,69 @@ def unit_entropy(H: float, l: int, d: int) -> float:  # noqa: E741 (l: the paper
     return H / (l * d)
 
 
+# --- The premise's ratio as one number ---------------------------------------------------------------------
+
+SIGNAL = (
+    "mean of H'/H over the sliced block outputs E_out (d' < d) whose dense and sliced entropies share a sign"
+)
+
+
+@dataclass
+class RatioSignal:
+    """The from-internals signal: the mean ratio over the layers in `layers`; `excluded` says why the rest
+    were left out. `ratio` is None when no layer qualifies."""
+
+    ratio: float | None
+    layers: list[str]
+    excluded: dict[str, str]
+
+
+def ratio_signal(
+    layers: Sequence[str],
+    ratios: Sequence[float | None],
+    same_sign: Sequence[bool] | None = None,
+    sliced: Sequence[bool] | None = None,
+) -> RatioSignal:
+    """`SIGNAL` from per-layer ratios, their sign flags and whether each layer's stream was cut to d' < d.
+
+    Every block output is a stream the paper's premise covers (its E_in = E_out = l*d*kappa holds at every
+    linear map), so the signal averages all of them that qualify: one layer alone is noisy. Left out: a
+    layer whose H and H' differ in sign (the ratio is then not a fraction kept), one not sliced (d' = d, e.g.
+    the last block's output when the head is unsliced: its ratio says nothing about d'/d; when no layer is
+    cut, as for the dense model, every layer counts), a missing ratio.
+    """
+    used: list[str] = []
+    values: list[float] = []
+    excluded: dict[str, str] = {}
+    for j, (name, r) in enumerate(zip(layers, ratios, strict=True)):
+        if r is None or not math.isfinite(r):
+            excluded[name] = "ratio not finite"
+        elif sliced is not None and any(sliced) and not sliced[j]:
+            excluded[name] = "not sliced (d' = d)"
+        elif same_sign is not None and not same_sign[j]:
+            excluded[name] = "H and H' differ in sign"
+        else:
+            used.append(name)
+            values.append(r)
+    return RatioSignal(float(np.mean(values)) if values else None, used, excluded)
+
+
+def warn_excluded(label: str, signal: RatioSignal) -> None:
+    """A warning naming the layers `ratio_signal` left out, so a mean over fewer layers is never silent."""
+    if signal.excluded:
+        left = ", ".join(f"{k} ({why})" for k, why in signal.excluded.items())
+        warnings.warn(
+            f"{label}: {len(signal.excluded)} layer(s) left out of the mean ratio: {left}", stacklevel=3
+        )
+
+
 # --- Per-layer dense vs sliced summary ---------------------------------------------------------------------
 
 
 @dataclass
 class EstimatorComparison:
-    """One estimator at one layer: per-vector entropies, their ratio next to 1-s, and kappa = h/d."""
+    """One estimator at one layer: per-vector entropies, their ratio next to 1-s, kappa = h/d, and the
+    ratio's change per factor e in the unit (`unit_sensitivity`)."""
 
     H_dense: float
     H_sliced: float
@@ -307,6 +457,16 @@ class EstimatorComparison:
     same_sign: bool
     kappa_dense: float
     kappa_sliced: float
+    unit_sensitivity: float = math.nan
+
+
+@dataclass
+class RankComparison:
+    """Effective ranks of the dense and sliced covariance spectra and sliced/dense: free of unit and basis."""
+
+    dense: float
+    sliced: float
+    ratio: float
 
 
 @dataclass
@@ -325,26 +485,33 @@ class LayerEntropy:
     one_minus_s: float
     estimators: dict[str, EstimatorComparison]
     top_ratio: EntropyRatio | None = None
+    effective_rank: RankComparison | None = None
 
 
 @dataclass
 class EntropySummary:
-    """Per-layer entropies of a dense and a sliced model; `to_dict()` is strict-JSON (non-finite -> None)."""
+    """Per-layer entropies of a dense and a sliced model; `to_dict()` is strict-JSON (non-finite -> None).
+
+    `signals` holds `ratio_signal` per estimator and for the effective rank (key `RANK`).
+    """
 
     layers: list[LayerEntropy]
     s_nominal: float | None = None
     notes: list[str] = field(default_factory=list)
+    stream: str = "normalised"
+    signals: dict[str, RatioSignal] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of plain floats/ints/strings, nan and inf replaced by None."""
-        return _finite_or_none(asdict(self))
+        return finite_or_none(asdict(self))
 
 
-def _finite_or_none(obj: Any) -> Any:
+def finite_or_none(obj: Any) -> Any:
+    """obj with every non-finite float (nan, inf) inside dicts and lists replaced by None: strict JSON."""
     if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
+        return {k: finite_or_none(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_finite_or_none(v) for v in obj]
+        return [finite_or_none(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
@@ -355,15 +522,52 @@ def _by_layer(samples: Mapping[Any, Sample] | Sequence[Sample]) -> dict[str, Sam
     return {str(k): v for k, v in items}
 
 
+def _compare(
+    est: str,
+    x0: np.ndarray,
+    xs: np.ndarray,
+    kw: Mapping[str, Any],
+    spectra: tuple[np.ndarray, np.ndarray] | None,
+) -> EstimatorComparison:
+    """One estimator on both streams; the marginal sum in each stream's own principal axes (see module doc).
+
+    `spectra` (the covariance spectra of both, when n > d) spares the Gaussian estimator a second eigensolve.
+    """
+    if est == "gaussian" and spectra is not None:
+        h0, hs = (gaussian_entropy_from_spectrum(lam, **kw) for lam in spectra)
+    elif est == "marginal":
+        h0, hs = estimate(est, principal_axes(x0), **kw), estimate(est, principal_axes(xs), **kw)
+    else:
+        h0, hs = estimate(est, x0, **kw), estimate(est, xs, **kw)
+    d, d_s = x0.shape[1], xs.shape[1]
+    r = entropy_ratio(hs, h0)
+    return EstimatorComparison(
+        H_dense=h0,
+        H_sliced=hs,
+        ratio=r.ratio,
+        same_sign=r.same_sign,
+        kappa_dense=unit_entropy(h0, 1, d),
+        kappa_sliced=unit_entropy(hs, 1, d_s),
+        unit_sensitivity=unit_sensitivity(hs, h0, d_s, d),
+    )
+
+
 def layer_entropy_summary(
     dense: Mapping[Any, Sample] | Sequence[Sample],
     sliced: Mapping[Any, Sample] | Sequence[Sample],
-    estimators: Sequence[str] = ("gaussian", "marginal", "knn"),
+    estimators: Sequence[str] = RATIO_ESTIMATORS,
     estimator_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     s_nominal: float | None = None,
+    stream: str = "normalised",
+    include_knn: bool = False,
 ) -> EntropySummary:
     """Per-layer entropies of dense and sliced residual samples (layer -> (n, d) / (n, d')) per estimator,
-    with H'/H next to 1-s = d'/d (effective sparsity, from the widths), kappa, and the top-d' Gaussian ratio.
+    with H'/H next to 1-s = d'/d (effective sparsity, from the widths), kappa, the ratio's unit sensitivity,
+    the effective-rank ratio, the top-d' Gaussian ratio, and `ratio_signal` per estimator (warning about
+    the layers it leaves out).
+
+    stream="normalised" (default) measures x / sqrt(sum(x^2) / d) with d the DENSE width for both streams
+    (`rms_normalised`); "raw" measures the samples as given, whose ratio depends on their unit.
     """
     dense_by, sliced_by = _by_layer(dense), _by_layer(sliced)
     if dense_by.keys() != sliced_by.keys():
@@ -371,39 +575,72 @@ def layer_entropy_summary(
             f"dense and sliced samples cover different layers ({sorted(dense_by)} vs {sorted(sliced_by)}); "
             "collect the same layers from both models"
         )
-    unknown = [e for e in estimators if e not in ESTIMATORS]
-    if unknown:
-        raise MechsliceError(f"unknown entropy estimator(s) {unknown}; choose from {sorted(ESTIMATORS)}")
+    if stream not in STREAMS:
+        raise MechsliceError(f"unknown entropy stream {stream!r}; choose one of {', '.join(STREAMS)}")
+    estimators = check_ratio_estimators(estimators, include_knn)
     kwargs = estimator_kwargs or {}
+    rel_floor = kwargs.get("gaussian", {}).get("rel_floor", REL_EIG_FLOOR)
     layers: list[LayerEntropy] = []
     for name, x_dense in dense_by.items():
         x0, xs = as_sample(x_dense), as_sample(sliced_by[name])
         d, d_s = x0.shape[1], xs.shape[1]
-        comparisons = {}
-        for est in estimators:
-            h0, hs = estimate(est, x0, **kwargs.get(est, {})), estimate(est, xs, **kwargs.get(est, {}))
-            r = entropy_ratio(hs, h0)
-            comparisons[est] = EstimatorComparison(
-                H_dense=h0,
-                H_sliced=hs,
-                ratio=r.ratio,
-                same_sign=r.same_sign,
-                kappa_dense=unit_entropy(h0, 1, d),
-                kappa_sliced=unit_entropy(hs, 1, d_s),
-            )
-        top = None
-        if d_s <= d and x0.shape[0] > d:
-            lam = covariance_spectrum(x0)
-            rel_floor = kwargs.get("gaussian", {}).get("rel_floor", REL_EIG_FLOOR)
-            top = entropy_ratio(
-                gaussian_entropy_from_spectrum(lam[:d_s], float(lam[0]), rel_floor),
-                gaussian_entropy_from_spectrum(lam, rel_floor=rel_floor),
-            )
+        if stream == "normalised":
+            x0, xs = rms_normalised(x0, d), rms_normalised(xs, d)
+        spectra = None
+        if x0.shape[0] > d and xs.shape[0] > d_s:
+            spectra = covariance_spectrum(x0), covariance_spectrum(xs)
+        comparisons = {est: _compare(est, x0, xs, kwargs.get(est, {}), spectra) for est in estimators}
+        top = rank = None
+        if spectra is not None:
+            lam, lam_s = spectra
+            e0, es = effective_rank_from_spectrum(lam), effective_rank_from_spectrum(lam_s)
+            rank = RankComparison(e0, es, es / e0)
+            if d_s <= d:
+                top = entropy_ratio(
+                    gaussian_entropy_from_spectrum(lam[:d_s], float(lam[0]), rel_floor),
+                    gaussian_entropy_from_spectrum(lam, rel_floor=rel_floor),
+                )
         layers.append(
-            LayerEntropy(name, d, d_s, x0.shape[0], xs.shape[0], d_s / d, comparisons, top_ratio=top)
+            LayerEntropy(
+                name,
+                d,
+                d_s,
+                x0.shape[0],
+                xs.shape[0],
+                d_s / d,
+                comparisons,
+                top_ratio=top,
+                effective_rank=rank,
+            )
         )
+    names = [layer.layer for layer in layers]
+    cut = [layer.d_sliced < layer.d for layer in layers]
+    signals = {
+        est: ratio_signal(
+            names,
+            [layer.estimators[est].ratio for layer in layers],
+            [layer.estimators[est].same_sign for layer in layers],
+            cut,
+        )
+        for est in estimators
+    }
+    if all(layer.effective_rank is not None for layer in layers):
+        signals[RANK] = ratio_signal(names, [layer.effective_rank.ratio for layer in layers], None, cut)
+    label = "entropy ratio" if s_nominal is None else f"entropy ratio at s={s_nominal:g}"
+    for est, signal in signals.items():
+        if est != RANK:
+            warn_excluded(f"{label} ({est})", signal)
     notes = [
         "entropies are per token vector (nats); kappa = h/d",
+        f"stream: {stream}"
+        + (
+            " (x / sqrt(sum x^2 / d), d the dense width, for dense and sliced)"
+            if stream == "normalised"
+            else ""
+        ),
+        "marginal: each stream in its own principal axes (uncentred second moment, as SliceGPT's PCA)",
+        "unit_sensitivity: d(H'/H)/d(log c) if both streams were measured in units c times larger",
         "ratios with same_sign=false mix negative and positive differential entropies and do not read as 1-s",
+        f"signals: {SIGNAL}",
     ]
-    return EntropySummary(layers=layers, s_nominal=s_nominal, notes=notes)
+    return EntropySummary(layers=layers, s_nominal=s_nominal, notes=notes, stream=stream, signals=signals)

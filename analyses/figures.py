@@ -10,25 +10,36 @@ import numpy as np
 import plotly.graph_objects as go
 from jaxtyping import Float
 
+from analyses.entropy import RANK, LayerEntropy
 from analyses.layer_entropy import EntropySweep
 from analyses.layer_plots import layer_curves, spectrum_lines
 
 
 def entropy_curves(sweep: EntropySweep, estimator: str) -> go.Figure:
-    """H(E'_out)/H(E_out) per layer, one line per sparsity, each with its 1-s = d'/d as a dashed line."""
+    """H(E'_out)/H(E_out) per layer, one line per sparsity, each with its 1-s = d'/d as a dashed line.
+
+    estimator=`RANK` draws the effective-rank ratio erank(E'_out)/erank(E_out) instead.
+    """
     curves, levels = {}, {}
     for result in sweep.results:
         name, one_minus_s = f"s={result.sparsity:g}", result.summary.layers[0].one_minus_s
-        curves[name] = [layer.estimators[estimator].ratio for layer in result.summary.layers]
+        curves[name] = [_ratio(layer, estimator) for layer in result.summary.layers]
         levels[name] = (f"1-s={one_minus_s:.3f}", one_minus_s)
     layers = [int(layer.layer) for layer in sweep.results[0].summary.layers] if sweep.results else []
     fig = layer_curves(curves, layers, levels=levels)
+    what = "effective-rank ratio" if estimator == RANK else f"entropy ratio ({estimator})"
     fig.update_layout(
-        title=f"Residual-stream entropy ratio per layer ({estimator} estimator, {sweep.rotation} slicing)",
+        title=f"Residual-stream {what} per layer ({sweep.stream} stream, {sweep.rotation} slicing)",
         xaxis_title="layer",
-        yaxis_title="H(E'_out) / H(E_out)",
+        yaxis_title="erank(E'_out) / erank(E_out)" if estimator == RANK else "H(E'_out) / H(E_out)",
     )
     return fig
+
+
+def _ratio(layer: LayerEntropy, estimator: str) -> float | None:
+    if estimator == RANK:
+        return None if layer.effective_rank is None else layer.effective_rank.ratio
+    return layer.estimators[estimator].ratio
 
 
 def eigenvalue_spectra(spectra: Mapping[int, Float[np.ndarray, " d"]], every: int = 1) -> go.Figure:
@@ -66,7 +77,7 @@ def stage_norms(table: Iterable[Mapping[str, Any]], stages: Iterable[str] | None
 
 def entropy_report_html(sweep: EntropySweep, path: Path) -> Path:
     """One self-contained (offline) HTML file: entropy curves of every estimator and the eigenvalue spectra."""
-    estimators = list(sweep.results[0].summary.layers[0].estimators) if sweep.results else []
+    estimators = [*sweep.results[0].summary.layers[0].estimators, RANK] if sweep.results else []
     figures = [entropy_curves(sweep, e) for e in estimators] + [eigenvalue_spectra(sweep.spectra)]
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from analyses.entropy import BIASED_IN_D, RatioSignal, ratio_signal
 from analyses.fits import LineFit, fit_line
 from mechslice import distributed
 from mechslice.errors import MechsliceError
@@ -581,7 +582,10 @@ def predict(fits: FitTable, sparsity: float, ppl0: float | None, acc0s: dict[str
 
 @dataclass(frozen=True)
 class EntropyPrediction:
-    """ln PPL at one sparsity predicted from the residual-stream entropy ratio alone, and the measured one."""
+    """ln PPL at one sparsity predicted from the residual-stream entropy ratio alone, and the measured one.
+
+    `ratio` is `analyses.entropy.SIGNAL`: the mean over `layers`; `excluded` names the layers left out, why.
+    """
 
     sparsity: float
     effective_sparsity: float
@@ -590,10 +594,35 @@ class EntropyPrediction:
     ln_ppl_predicted: float
     abs_error: float  # |predicted - measured| in ln PPL
     rel_error: float  # abs_error / measured ln PPL
+    layers: list[str] = field(default_factory=list)
+    excluded: dict[str, str] = field(default_factory=dict)
 
 
-def entropy_predictions(results: dict[str, Any]) -> dict[str, list[EntropyPrediction]]:
-    """Per entropy estimator and record with a measured ppl and `ratio_mean`: predicted vs measured ln PPL."""
+def record_signal(rec: dict[str, Any], stats: dict[str, Any]) -> RatioSignal | None:
+    """`ratio_signal` of one estimator in one record, recomputed from its per-layer lists.
+
+    Recomputing (rather than reading `ratio_mean`) gives files written before the sign rule the same
+    treatment: their `ratio_mean` averaged every layer. A record with only `ratio_mean` is taken as it is.
+    """
+    ratios = stats.get("ratio_per_layer")
+    if not ratios:
+        mean = stats.get("ratio_mean")
+        return RatioSignal(float(mean), [], {}) if _is_number(mean) else None
+    h0, h1 = stats.get("per_layer_dense"), stats.get("per_layer")
+    same = stats.get("same_sign_per_layer")
+    if same is None and h0 and h1 and len(h0) == len(h1) == len(ratios):
+        same = [a is not None and b is not None and a * b > 0.0 for a, b in zip(h0, h1, strict=True)]
+    widths = (rec.get("entropy") or {}).get("d_sliced_per_layer")
+    sliced = [w < rec["d"] for w in widths] if widths and len(widths) == len(ratios) and "d" in rec else None
+    return ratio_signal([str(i) for i in range(len(ratios))], ratios, same, sliced)
+
+
+def entropy_predictions(
+    results: dict[str, Any], include_knn: bool = False
+) -> dict[str, list[EntropyPrediction]]:
+    """Per entropy estimator (and the effective rank) and record with a measured ppl: ln PPL0 / ratio against
+    the measured ln PPL, the ratio being `record_signal`. kNN ratios are left out unless `include_knn`: its
+    bias depends on d, so its H'/H compares two differently biased numbers."""
     dense = dense_record(results)
     ppl0 = dense.get("ppl")
     if ppl0 is None or ppl0 <= 1.0:
@@ -603,20 +632,24 @@ def entropy_predictions(results: dict[str, Any]) -> dict[str, list[EntropyPredic
         if rec.get("ppl") is None or rec["ppl"] <= 1.0:
             continue
         for estimator, stats in (rec.get("entropy") or {}).items():
-            ratio = stats.get("ratio_mean") if isinstance(stats, dict) else None
-            if not (_is_number(ratio) and ratio > 0.0):
+            if not isinstance(stats, dict) or (estimator in BIASED_IN_D and not include_knn):
+                continue
+            signal = record_signal(rec, stats)
+            if signal is None or not (_is_number(signal.ratio) and signal.ratio > 0.0):
                 continue
             measured = math.log(rec["ppl"])
-            predicted = math.log(ppl0) / ratio  # ln of ppl_from_entropy_ratio, without overflow
+            predicted = math.log(ppl0) / signal.ratio  # ln of ppl_from_entropy_ratio, without overflow
             out.setdefault(estimator, []).append(
                 EntropyPrediction(
                     sparsity=float(rec.get("sparsity", rec["effective_sparsity"])),
                     effective_sparsity=float(rec["effective_sparsity"]),
-                    ratio=float(ratio),
+                    ratio=float(signal.ratio),
                     ln_ppl_measured=measured,
                     ln_ppl_predicted=predicted,
                     abs_error=abs(predicted - measured),
                     rel_error=abs(predicted - measured) / measured,
+                    layers=signal.layers,
+                    excluded=signal.excluded,
                 )
             )
     return out

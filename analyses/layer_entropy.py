@@ -2,7 +2,8 @@
 
 The tracer keeps each block output E_out as raw rows (at most `max_rows` tokens per layer, so memory is
 bounded by layers x max_rows x d), plus its float64 covariance spectrum; `analyses.entropy` turns them into
-per-layer entropies for each estimator, the ratio next to 1-s, and kappa = h/d.
+per-layer entropies for each estimator on the RMS-normalised stream, the ratio next to 1-s, kappa = h/d, the
+effective-rank ratio, and the mean ratio over the layers where it reads as a fraction kept.
 """
 
 from __future__ import annotations
@@ -14,22 +15,23 @@ import numpy as np
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from analyses.entropy import ESTIMATORS, EntropySummary, covariance_spectrum, layer_entropy_summary
+from analyses.entropy import (
+    RATIO_ESTIMATORS,
+    EntropySummary,
+    check_ratio_estimators,
+    covariance_spectrum,
+    layer_entropy_summary,
+)
 from hooks.flow import TraceError, trace
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel
 from mechslice.slicing import Slicer
 
 
-def check_estimators(names: Iterable[str]) -> tuple[str, ...]:
-    """The estimator names, refused up front (before any model runs) when one is unknown."""
-    names = tuple(names)
-    unknown = [n for n in names if n not in ESTIMATORS]
-    if unknown or not names:
-        raise MechsliceError(
-            f"unknown entropy estimator {unknown or names}; choose from {sorted(ESTIMATORS)}"
-        )
-    return names
+def check_estimators(names: Iterable[str], include_knn: bool = False) -> tuple[str, ...]:
+    """The estimator names, refused up front (before any model runs) when one is unknown, or is kNN
+    without `include_knn` (its bias depends on d, see `analyses.entropy.check_ratio_estimators`)."""
+    return check_ratio_estimators(tuple(names), include_knn)
 
 
 def residual_samples(
@@ -78,6 +80,7 @@ class EntropySweep:
     samples: int
     spectra: dict[int, Float[np.ndarray, " d"]]
     results: list[SparsityEntropy]
+    stream: str = "normalised"
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON-ready dict (the spectra are left out: they are d numbers per layer)."""
@@ -85,6 +88,7 @@ class EntropySweep:
             "rotation": self.rotation,
             "tokens": self.tokens,
             "samples": self.samples,
+            "stream": self.stream,
             "sparsities": [
                 {"sparsity": r.sparsity, "d_prime": r.d_prime, **r.summary.to_dict()} for r in self.results
             ],
@@ -96,17 +100,20 @@ def entropy_sweep(
     sparsities: Sequence[float],
     calib: Int[Tensor, "n seqlen"],
     windows: Int[Tensor, "w seqlen"],
-    estimators: Sequence[str] = ("gaussian", "marginal", "knn"),
+    estimators: Sequence[str] = RATIO_ESTIMATORS,
     rotation: str = "per-layer",
     max_rows: int = 4096,
     layers: Iterable[int] | None = None,
     batch_size: int = 4,
+    stream: str = "normalised",
+    include_knn: bool = False,
 ) -> EntropySweep:
     """Dense E_out samples once, then for each s a sliced copy (one calibration, `Slicer`) and its samples.
 
-    `lm` is norm-fused in place (computationally invariant: its residual stream is unchanged).
+    `lm` is norm-fused in place (computationally invariant: its residual stream is unchanged). `stream` and
+    `include_knn` are those of `layer_entropy_summary`.
     """
-    estimators = check_estimators(estimators)
+    estimators = check_estimators(estimators, include_knn)
     dense = residual_samples(lm, windows, max_rows, layers, batch_size)
     spectra = {i: covariance_spectrum(x) for i, x in dense.items()}
     slicer = Slicer(lm, calib, rotation, progress=False)
@@ -115,7 +122,9 @@ def entropy_sweep(
     for s in sparsities:
         sliced_lm, record = slicer.sliced(s)
         sliced = residual_samples(sliced_lm, windows, max_rows, dense.keys(), batch_size)
-        summary = layer_entropy_summary(dense, sliced, estimators, s_nominal=s)
+        summary = layer_entropy_summary(
+            dense, sliced, estimators, s_nominal=s, stream=stream, include_knn=include_knn
+        )
         results.append(SparsityEntropy(s, record.d_prime, summary))
         del sliced_lm, sliced
-    return EntropySweep(rotation, windows.numel(), max_rows, spectra, results)
+    return EntropySweep(rotation, windows.numel(), max_rows, spectra, results, stream)

@@ -17,6 +17,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from analyses.entropy import BIASED_IN_D, RANK, SIGNAL
 from analyses.laws import (
     ACC_KEYS,
     DENSE_NOTE,
@@ -26,6 +27,7 @@ from analyses.laws import (
     entropy_predictions,
     fit_results,
     load_results,
+    record_signal,
 )
 from analyses.report_figures import (
     entropy_figures,
@@ -162,15 +164,36 @@ def _entropy_estimators(records: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _entropy_table(records: Sequence[dict[str, Any]], estimators: Sequence[str]) -> str:
-    head = ["s", *(f"{e}: mean H'/H, mean κ" for e in estimators)]
+    """Per sparsity and estimator: the signal ratio with the layers it averages, and its unit sensitivity."""
+    head = ["s", "1 - s", *(f"{e}: {_RATIO_HEAD.get(e, _ENTROPY_HEAD)}" for e in estimators)]
     rows = []
     for rec in records:
-        cells = [f"{rec['effective_sparsity']:.3f}"]
+        cells = [f"{rec['effective_sparsity']:.3f}", f"{1.0 - rec['effective_sparsity']:.3f}"]
         for e in estimators:
             st = (rec.get("entropy") or {}).get(e) or {}
-            cells.append(f"{fmt(st.get('ratio_mean'))}, {fmt(st.get('kappa_mean'), '.4g')}")
+            signal = record_signal(rec, st) if st else None
+            if signal is None or signal.ratio is None:
+                cells.append("n/a")
+                continue
+            per_layer = st.get("ratio_per_layer") or []
+            cell = (
+                f"{fmt(signal.ratio)} ({len(signal.layers)}/{len(per_layer)})"
+                if per_layer
+                else fmt(signal.ratio)
+            )
+            sens = st.get("unit_sensitivity_per_layer") or []
+            used = [sens[int(k)] for k in signal.layers] if len(sens) == len(per_layer) else []
+            if used and all(v is not None for v in used):
+                cell += f", {fmt(float(sum(used) / len(used)), '+.3f')}"
+            if st.get("kappa_mean") is not None:
+                cell += f", κ {fmt(st['kappa_mean'], '.4g')}"
+            cells.append(cell)
         rows.append(cells)
     return _table(head, rows)
+
+
+_ENTROPY_HEAD = "mean H'/H (layers used), d(H'/H)/d ln c, mean κ"
+_RATIO_HEAD = {RANK: "mean erank'/erank (layers used)"}
 
 
 def entropy_section(results: dict[str, Any], render: FigureRenderer) -> str:
@@ -180,12 +203,37 @@ def entropy_section(results: dict[str, Any], render: FigureRenderer) -> str:
     if not estimators:
         return _note("The sweep recorded no residual-stream entropy (run it with entropy estimation on).")
     parts = [render(entropy_ratio_figure(records, estimators)), _entropy_table(records, estimators)]
+    parts.append(
+        _note(
+            f"Each ratio is {SIGNAL}; in brackets the layers used of those recorded. d(H'/H)/d ln c is how "
+            "far that ratio moves per factor e in the unit of the activations (H(cX) = H(X) + d ln c): no "
+            "ratio of entropies of different widths is unit-free. The effective rank exp(H(λ/Σλ)) of the "
+            "covariance spectrum is free of unit and basis."
+        )
+    )
+    streams = {(rec.get("entropy") or {}).get("stream") for rec in records if rec.get("entropy")}
+    if None in streams:
+        parts.append(
+            _note(
+                "Some sparsities were recorded before entropy was measured on the RMS-normalised stream: "
+                "their ratios depend on the unit of the activations, and their marginal ratios compare the "
+                "dense stream's original basis with the sliced stream's PCA basis."
+            )
+        )
     mixed = [e for e in estimators if any(st.get("same_sign") is False for st in entropy_stats(records, e))]
     if mixed:
         parts.append(
             _note(
                 f"{', '.join(mixed)}: some layers' dense and sliced entropies differ in sign, so there H'/H "
-                "does not read as a fraction of entropy kept."
+                "does not read as a fraction of entropy kept; those layers are left out of the mean ratio."
+            )
+        )
+    biased = [e for e in estimators if e in BIASED_IN_D]
+    if biased:
+        parts.append(
+            _note(
+                f"{', '.join(biased)}: its bias depends on the dimension, so its H'/H compares two differently "
+                "biased numbers; shown for reference, left out of the prediction from internals."
             )
         )
     for est in estimators:
@@ -201,7 +249,16 @@ def prediction_section(results: dict[str, Any], table: FitTable | None, render: 
         return _note(
             "No prediction from internals: it needs the dense perplexity and an entropy ratio per sparsity."
         )
-    head = ["estimator", "s", "H'/H", "ln PPL predicted", "ln PPL measured", "|error|", "rel. error"]
+    head = [
+        "estimator",
+        "s",
+        "H'/H",
+        "ln PPL predicted",
+        "ln PPL measured",
+        "|error|",
+        "rel. error",
+        "layers left out",
+    ]
     rows = [
         [
             _esc(est),
@@ -211,11 +268,12 @@ def prediction_section(results: dict[str, Any], table: FitTable | None, render: 
             f"{p.ln_ppl_measured:.3f}",
             f"{p.abs_error:.3f}",
             f"{p.rel_error:.1%}",
+            _esc(", ".join(f"{k} ({why})" for k, why in p.excluded.items()) or "none"),
         ]
         for est, ps in preds.items()
         for p in ps
     ]
-    return render(prediction_figure(results, table)) + _table(head, rows)
+    return render(prediction_figure(results, table)) + _table(head, rows) + _note(f"H'/H here is {SIGNAL}.")
 
 
 def _read_spectra(directory: Path, rec: dict[str, Any]) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
 from analyses.fits import LineFit
-from analyses.laws import PAPER_TABLE3, PPL, FitTable, dense_record, entropy_predictions
+from analyses.laws import PAPER_TABLE3, PPL, FitTable, dense_record, entropy_predictions, record_signal
 from analyses.layer_plots import layer_curves, spectrum_lines
 from analyses.report_text import PAPER_SHORT, STDERR_KEYS, task_label
 
@@ -194,7 +194,7 @@ def entropy_figures(records: Sequence[dict[str, Any]], estimator: str) -> tuple[
 
 
 def entropy_ratio_figure(records: Sequence[dict[str, Any]], estimators: Sequence[str]) -> go.Figure:
-    """The premise H'/H = 1 - s: the layer-mean entropy ratio against 1 - s, per estimator, with y = x."""
+    """The premise H'/H = 1 - s: each estimator's signal ratio (`record_signal`) against 1 - s, with y = x."""
     fig = go.Figure()
     fig.add_trace(
         go.Scatter(
@@ -203,15 +203,21 @@ def entropy_ratio_figure(records: Sequence[dict[str, Any]], estimators: Sequence
     )
     for est in estimators:
         pts = [
-            (1.0 - rec["effective_sparsity"], rec["entropy"][est]["ratio_mean"])
+            (1.0 - rec["effective_sparsity"], signal.ratio)
             for rec in records
-            if (rec.get("entropy") or {}).get(est, {}).get("ratio_mean") is not None
+            if (st := (rec.get("entropy") or {}).get(est))
+            and (signal := record_signal(rec, st)) is not None
+            and signal.ratio is not None
         ]
         if pts:
             fig.add_trace(
                 go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers+lines", name=est)
             )
-    fig.update_layout(title="Layer-mean entropy ratio vs 1 - s", xaxis_title="1 - s", yaxis_title="mean H'/H")
+    fig.update_layout(
+        title="Entropy ratio vs 1 - s (mean over the layers where it reads as a fraction kept)",
+        xaxis_title="1 - s",
+        yaxis_title="mean H'/H",
+    )
     return fig
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from analyses.entropy import RANK
 from analyses.laws import (
     PAPER_DATASETS,
     PAPER_TABLE3,
@@ -145,7 +146,8 @@ def _prop3_summary(table: FitTable, task: str, results: dict[str, Any]) -> str:
 
 
 def _entropy_summary(results: dict[str, Any]) -> list[str]:
-    """Per estimator: how far ln PPL0 / (H'/H) lands from the measured ln PPL, beside ln PPL0 / (1 - s)."""
+    """Per estimator: how far ln PPL0 / (H'/H) lands from the measured ln PPL, beside ln PPL0 / (1 - s), and
+    how many layers the signal left out."""
     lines = []
     for estimator, preds in entropy_predictions(results).items():
         sliced = [p for p in preds if p.effective_sparsity > 0.0]
@@ -159,11 +161,19 @@ def _entropy_summary(results: dict[str, Any]) -> list[str]:
             / p.ln_ppl_measured
             for p in sliced
         ]
-        lines.append(
-            f"From internals ({estimator} entropy): ln PPL = ln PPL0 / (H'/H) misses the measured ln PPL by "
-            f"{abs_err:.3f} nats on average ({rel_err:.1%}) over {sparsity_count(len(sliced))}; the same law with "
-            f"1 - s in place of H'/H misses by {float(np.mean(literal)):.1%}."
+        name, ratio = (
+            ("effective rank", "erank'/erank") if estimator == RANK else (f"{estimator} entropy", "H'/H")
         )
+        line = (
+            f"From internals ({name}): ln PPL = ln PPL0 / ({ratio}) misses the "
+            f"measured ln PPL by {abs_err:.3f} nats on average ({rel_err:.1%}) over "
+            f"{sparsity_count(len(sliced))}; the same law with 1 - s in its place misses by "
+            f"{float(np.mean(literal)):.1%}."
+        )
+        left_out = sum(len(p.excluded) for p in sliced)
+        if left_out:
+            line += f" The mean ratio left out {left_out} (layer, sparsity) pairs (see the prediction table)."
+        lines.append(line)
     return lines
 
 

@@ -19,7 +19,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from analyses.entropy import layer_entropy_summary
+from analyses.entropy import RANK, SIGNAL, STREAMS, RatioSignal, finite_or_none, layer_entropy_summary
 from analyses.laws import check_same_model, load_results
 from analyses.layer_entropy import check_estimators, residual_samples
 from analyses.shift import ShiftAccumulator
@@ -56,7 +56,9 @@ class SweepSettings:
     ppl_seqlen: int = 2048
     ppl_max_tokens: int | None = None
     mc_limit: int | None = None
-    estimators: tuple[str, ...] = ("gaussian", "marginal", "knn")
+    estimators: tuple[str, ...] = ("gaussian", "marginal")  # knn only with include_knn: see analyses.entropy
+    include_knn: bool = False
+    entropy_stream: str = "normalised"  # "normalised" (x / rms(x), the unit the model fixes) or "raw"
     probe_tokens: int = 4096  # tokens of the test split on which entropy and output shift are measured
     probe_seqlen: int = 512
     batch_size: int = 4
@@ -107,7 +109,11 @@ def check_settings(settings: SweepSettings) -> None:
         raise MechsliceError(f"unknown task(s) {unknown or '(none given)'}; choose from {valid}")
     if settings.path not in ("exact", "shared"):
         raise MechsliceError(f"unknown slicing path '{settings.path}'; use exact or shared")
-    check_estimators(settings.estimators)
+    check_estimators(settings.estimators, settings.include_knn)
+    if settings.entropy_stream not in STREAMS:
+        raise MechsliceError(
+            f"unknown entropy stream '{settings.entropy_stream}'; use {' or '.join(STREAMS)}"
+        )
     if settings.dtype not in DTYPES:
         raise MechsliceError(f"unknown dtype '{settings.dtype}'; use one of {', '.join(DTYPES)}")
     if settings.probe_tokens < settings.probe_seqlen:
@@ -172,7 +178,7 @@ def _evaluate(
         }
         seconds[task] = mc.seconds
     start = time.perf_counter()
-    out["entropy"] = residual_entropy(dense, lm, probe, settings.estimators)
+    out["entropy"] = residual_entropy(dense, lm, probe, settings)
     seconds["entropy"] = time.perf_counter() - start
     start = time.perf_counter()
     out["shift"] = output_shift(dense, lm, probe.probe_windows)
@@ -181,29 +187,56 @@ def _evaluate(
 
 
 def residual_entropy(
-    dense: LoadedModel, sliced: LoadedModel, probe: _Probe, estimators: tuple[str, ...]
+    dense: LoadedModel, sliced: LoadedModel, probe: _Probe, settings: SweepSettings
 ) -> dict[str, Any]:
-    """Per-layer entropy of the block outputs E_out, sliced against dense, per estimator (record layout)."""
+    """Per-layer entropy of the block outputs E_out, sliced against dense, per estimator (record layout).
+
+    `ratio_mean` is `analyses.entropy.SIGNAL` (the mean over the layers where the ratio reads as a fraction
+    kept), `ratio_layers` the layers it averages and `excluded_layers` the others with why; the effective
+    rank sits beside the estimators under `effective_rank`, with the same keys.
+    """
     rows = probe.probe_windows.numel()
     if probe.dense_samples is None:
         probe.dense_samples = residual_samples(dense, probe.probe_windows, rows)
     summary = layer_entropy_summary(
-        probe.dense_samples, residual_samples(sliced, probe.probe_windows, rows), estimators
+        probe.dense_samples,
+        residual_samples(sliced, probe.probe_windows, rows),
+        settings.estimators,
+        stream=settings.entropy_stream,
+        include_knn=settings.include_knn,
     )
-    out: dict[str, Any] = {}
-    for name in estimators:
-        per = [layer.estimators[name] for layer in summary.layers]
-        ratios = [c.ratio for c in per]
+    layers = summary.layers
+    out: dict[str, Any] = {
+        "stream": summary.stream,
+        "signal": SIGNAL,
+        "d_sliced_per_layer": [layer.d_sliced for layer in layers],
+    }
+    for name in settings.estimators:
+        per = [layer.estimators[name] for layer in layers]
         out[name] = {
             "per_layer_dense": [c.H_dense for c in per],
             "per_layer": [c.H_sliced for c in per],
-            "ratio_per_layer": ratios,
-            "ratio_mean": sum(ratios) / len(ratios),
+            "ratio_per_layer": [c.ratio for c in per],
+            "same_sign_per_layer": [c.same_sign for c in per],
+            "unit_sensitivity_per_layer": [c.unit_sensitivity for c in per],
+            **_signal_keys(summary.signals[name]),
             "same_sign": all(c.same_sign for c in per),
             "kappa_mean": sum(c.kappa_sliced for c in per) / len(per),
             "kappa_dense_mean": sum(c.kappa_dense for c in per) / len(per),
         }
-    return out
+    if RANK in summary.signals:
+        ranks = [layer.effective_rank for layer in layers if layer.effective_rank is not None]
+        out[RANK] = {
+            "per_layer_dense": [r.dense for r in ranks],
+            "per_layer": [r.sliced for r in ranks],
+            "ratio_per_layer": [r.ratio for r in ranks],
+            **_signal_keys(summary.signals[RANK]),
+        }
+    return finite_or_none(out)
+
+
+def _signal_keys(signal: RatioSignal) -> dict[str, Any]:
+    return {"ratio_mean": signal.ratio, "ratio_layers": signal.layers, "excluded_layers": signal.excluded}
 
 
 @torch.no_grad()

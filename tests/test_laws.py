@@ -350,11 +350,38 @@ def test_entropy_predictions_report_errors() -> None:
     out = entropy_predictions(results)
     assert len(out["gaussian"]) == 5
     assert max(p.abs_error for p in out["gaussian"]) < 1e-12
-    (knn,) = out["knn"]
+    # kNN's bias depends on d, so its ratio is left out unless asked for.
+    assert "knn" not in out
+    (knn,) = entropy_predictions(results, include_knn=True)["knn"]
     measured = math.log(records[2]["ppl"])
     assert knn.ln_ppl_predicted == pytest.approx(2 * math.log(PPL0))
     assert knn.abs_error == pytest.approx(abs(2 * math.log(PPL0) - measured))
     assert knn.rel_error == pytest.approx(knn.abs_error / measured)
+
+
+def test_entropy_prediction_leaves_out_sign_mixed_layers() -> None:
+    # Defect 3: an old results file whose ratio_mean averaged every layer, one of them sign-mixed (H = -2,
+    # H' = +1: ratio -0.5). The prediction now uses the mean over the other layers and names the one left out.
+    results = make_results()
+    sliced = results["records"][2]
+    h_dense, h_sliced = [10.0, 8.0, -2.0, 6.0], [7.0, 6.0, 1.0, 4.8]
+    ratios = [b / a for a, b in zip(h_dense, h_sliced, strict=True)]
+    sliced["entropy"] = {
+        "gaussian": {
+            "per_layer_dense": h_dense,
+            "per_layer": h_sliced,
+            "ratio_per_layer": ratios,
+            "ratio_mean": sum(ratios) / 4,
+        }
+    }
+    (p,) = entropy_predictions(results)["gaussian"]
+    assert p.ratio == pytest.approx((0.7 + 0.75 + 0.8) / 3)
+    assert p.ln_ppl_predicted == pytest.approx(math.log(PPL0) / p.ratio)
+    assert p.layers == ["0", "1", "3"] and p.excluded == {"2": "H and H' differ in sign"}
+    # A record that says which layers kept their width d (the head left unsliced) leaves those out too.
+    sliced["entropy"]["d_sliced_per_layer"] = [sliced["d_prime"]] * 3 + [sliced["d"]]
+    (p,) = entropy_predictions(results)["gaussian"]
+    assert p.layers == ["0", "1"] and p.excluded["3"] == "not sliced (d' = d)"
 
 
 # ---------------------------------------------------------------- CLI

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import plotly.graph_objects as go
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from analyses.entropy import gaussian_entropy
+from analyses.entropy import RANK, gaussian_entropy
 from analyses.figures import eigenvalue_spectra, entropy_curves, stage_norms
 from analyses.layer_entropy import entropy_sweep, residual_samples
 from hooks.flow import trace
@@ -63,6 +64,26 @@ def test_sweep_reports_ratios_per_layer_and_sparsity() -> None:
     assert isinstance(entropy_curves(sweep, "gaussian"), go.Figure)
     assert len(entropy_curves(sweep, "gaussian").data) == 4  # a ratio curve and its 1-s line per sparsity
     assert len(eigenvalue_spectra(sweep.spectra).data) == 2
+
+
+def test_sweep_measures_the_normalised_stream_with_its_companions() -> None:
+    # Issue 12: by default the ratio is taken on x / sqrt(sum x^2 / d) (d the dense width for both models),
+    # kNN is left out, and every sparsity carries the effective-rank ratio and the stated mean ratio.
+    lm = tiny()
+    windows = _ids((8, 32), 3)
+    sweep = entropy_sweep(lm, [0.25], calib=_ids((16, 32), 2), windows=windows, max_rows=256)
+    (result,) = sweep.results
+    assert sweep.stream == "normalised" and sweep.to_dict()["stream"] == "normalised"
+    assert set(result.summary.layers[0].estimators) == {"gaussian", "marginal"}
+    assert set(result.summary.signals) == {"gaussian", "marginal", RANK}
+    # The dense side is the traced block output, normalised by hand.
+    dense = residual_samples(lm, windows, max_rows=256)[1]
+    x = dense.double().numpy()
+    direct = gaussian_entropy(x / np.sqrt((x**2).sum(axis=1, keepdims=True) / 64))
+    assert result.summary.layers[1].estimators["gaussian"].H_dense == pytest.approx(direct, rel=1e-9)
+    assert len(entropy_curves(sweep, RANK).data) == 2
+    with pytest.raises(MechsliceError, match="include_knn"):
+        entropy_sweep(lm, [0.25], _ids((4, 32), 2), windows, estimators=["knn"], max_rows=256)
 
 
 def test_dense_entropy_matches_a_direct_estimate() -> None:

@@ -189,6 +189,27 @@ def test_full_report_has_every_section_and_is_offline(tmp_path: Path) -> None:
     assert raw_html.count("<td>731</td>") == 5 and "<td>734</td>" not in raw_html
 
 
+def test_report_names_the_layers_left_out_of_the_entropy_ratio(tmp_path: Path) -> None:
+    # Issue 12, defect 3: one layer of one sparsity has H < 0 < H'. The prediction from internals averages
+    # the other layers and the table says which layer it left out and why; the entropy table shows how many
+    # layers each ratio used. The fixture predates the normalised stream, which the page also says.
+    results = make_results()
+    rec = results["records"][2]
+    g = rec["entropy"]["gaussian"]
+    g["per_layer_dense"][1] = -abs(g["per_layer_dense"][1])
+    g["ratio_per_layer"][1] = g["per_layer"][1] / g["per_layer_dense"][1]
+    rest = _without_plotlyjs(build_report(write_sweep(tmp_path, results)).read_text(encoding="utf-8"))
+    predict_html = rest.split('id="predict"')[1].split("<h2")[0]
+    assert "<td>1 (H and H&#x27; differ in sign)</td>" in predict_html
+    expected = np.mean([r for i, r in enumerate(g["ratio_per_layer"]) if i != 1])
+    assert f"<td>{expected:.3f}</td>" in predict_html
+    entropy_html = rest.split('id="entropy"')[1].split("<h2")[0]
+    assert f"(3/{LAYERS})" in entropy_html and f"(4/{LAYERS})" in entropy_html
+    assert "recorded before entropy was measured on the RMS-normalised stream" in entropy_html
+    assert "knn: its bias depends on the dimension" in entropy_html
+    assert "From internals (knn" not in "\n".join(summary(results, fit_results(results), None))
+
+
 def test_report_contains_table3_numbers(tmp_path: Path) -> None:
     results = make_results()
     folder = write_sweep(tmp_path, results)

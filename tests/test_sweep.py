@@ -65,6 +65,17 @@ def test_sweep_records_and_resume(tiny_folder: Path, corpus: str, tmp_path: Path
     )
     assert records[2]["shift"]["overall"]["kl"] > 0
     assert all(len(r["entropy"]["gaussian"]["ratio_per_layer"]) == 2 for r in records)
+    # The stated signal: the mean over the layers it names (issue 12, defect 3), on the normalised stream
+    # (defect 4), with the effective-rank ratio beside it; the dense record compares a stream with itself.
+    for rec in records[1:]:
+        entropy, g = rec["entropy"], rec["entropy"]["gaussian"]
+        assert entropy["stream"] == "normalised" and entropy["d_sliced_per_layer"] == [rec["d_prime"]] * 2
+        used = [g["ratio_per_layer"][int(k)] for k in g["ratio_layers"]]
+        assert g["ratio_mean"] == pytest.approx(sum(used) / len(used))
+        assert sorted(g["ratio_layers"] + list(g["excluded_layers"])) == ["0", "1"]
+        assert len(g["unit_sensitivity_per_layer"]) == 2
+        assert 0 < entropy["effective_rank"]["ratio_mean"] < 1.5
+    assert records[0]["entropy"]["gaussian"]["ratio_mean"] == pytest.approx(1.0)
     spectra = json.loads((tmp_path / records[1]["spectra_file"]).read_text())
     assert {row["name"] for row in spectra} >= {"resid_pre.0", "resid_mid.1", "resid_final"}
     assert all(len(row["eigenvalues"]) == 64 for row in spectra)

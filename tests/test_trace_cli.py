@@ -103,7 +103,7 @@ def test_entropy_and_shift_commands(
 ) -> None:
     html = tmp_path / "entropy.html"
     argv = ["entropy", "--model", tiny_folder, *_args(corpus), "--sparsities", "0.25", "0.5", "--json"]
-    p = _json(capsys, [*argv, "--estimators", "gaussian", "knn", "--html", str(html)])
+    p = _json(capsys, [*argv, "--estimators", "gaussian", "knn", "--include-knn", "--html", str(html)])
     assert [s["d_prime"] for s in p["sparsities"]] == [48, 32]
     layer = p["sparsities"][0]["layers"][1]
     assert layer["one_minus_s"] == 0.75 and set(layer["estimators"]) == {"gaussian", "knn"}
@@ -117,6 +117,7 @@ def test_entropy_and_shift_commands(
     ("argv", "message"),
     [
         (["--estimators", "histogram"], "unknown entropy estimator ['histogram']"),
+        (["--estimators", "gaussian", "knn"], "pass include_knn (--include-knn)"),
         (["--samples", "5000"], "--samples 5000 is not in 1..512"),
         (["--sparsities", "1.5"], "sparsity must lie in [0, 1)"),
     ],

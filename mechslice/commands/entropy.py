@@ -10,6 +10,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from analyses.entropy import RANK, RATIO_ESTIMATORS, SIGNAL, STREAMS
 from analyses.layer_entropy import check_estimators, entropy_sweep
 from mechslice.commands._common import add_model_args, emit, model_from_args
 from mechslice.commands.trace import add_token_args, token_windows
@@ -29,7 +30,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3], help="default 0.1 0.2 0.3"
     )
     parser.add_argument(
-        "--estimators", nargs="+", default=["gaussian", "marginal", "knn"], help="gaussian, marginal, knn"
+        "--estimators", nargs="+", default=list(RATIO_ESTIMATORS), help="gaussian, marginal (knn: see below)"
+    )
+    parser.add_argument(
+        "--include-knn",
+        action="store_true",
+        help="allow knn in --estimators: its bias depends on d, so its H'/H compares differently biased numbers",
+    )
+    parser.add_argument(
+        "--stream",
+        choices=STREAMS,
+        default="normalised",
+        help="normalised: x / sqrt(sum x^2 / d), the unit the model fixes (default); raw: the block output",
     )
     parser.add_argument("--samples", type=int, default=None, help="token rows per layer (default all traced)")
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="block indices (default all)")
@@ -58,7 +70,7 @@ def calibration_from_args(
 
 def run(args: argparse.Namespace) -> int:
     """Slice at each sparsity, estimate per-layer entropies, print (and optionally plot) them."""
-    estimators = check_estimators(args.estimators)
+    estimators = check_estimators(args.estimators, args.include_knn)
     lm = model_from_args(args)
     for s in args.sparsities:
         sliced_width(lm.dims.d, s)  # reject a bad sparsity before any work
@@ -71,7 +83,16 @@ def run(args: argparse.Namespace) -> int:
         )
     calib = calibration_from_args(lm.tokenizer, args)
     sweep = entropy_sweep(
-        lm, args.sparsities, calib, windows, estimators, args.rotation, samples, args.layers
+        lm,
+        args.sparsities,
+        calib,
+        windows,
+        estimators,
+        args.rotation,
+        samples,
+        args.layers,
+        stream=args.stream,
+        include_knn=args.include_knn,
     )
     payload = {"model": lm.name, **sweep.to_dict()}
     if args.html is not None:
@@ -85,21 +106,32 @@ def run(args: argparse.Namespace) -> int:
 
 def _text(p: dict[str, Any]) -> str:
     lines = [
-        f"{p['model']}: {p['rotation']} slicing, {p['samples']} samples per layer of {p['tokens']} tokens"
+        f"{p['model']}: {p['rotation']} slicing, {p['samples']} samples per layer of {p['tokens']} tokens, "
+        f"{p['stream']} stream"
     ]
     for entry in p["sparsities"]:
         lines.append(
-            f"s = {entry['sparsity']} (d' = {entry['d_prime']}): H(E'_out)/H(E_out) per layer, 1-s=d'/d"
+            f"s = {entry['sparsity']} (d' = {entry['d_prime']}): per layer 1-s = d'/d, then per estimator "
+            "H'/H [d(H'/H)/d ln c], and the effective-rank ratio"
         )
         for layer in entry["layers"]:
             ratios = "  ".join(
-                f"{name} {_fmt(c['ratio'])}{'' if c['same_sign'] else '*'} (kappa {_fmt(c['kappa_dense'])})"
+                f"{name} {_fmt(c['ratio'])}{'' if c['same_sign'] else '*'} [{_fmt(c['unit_sensitivity'], '+.3f')}]"
                 for name, c in layer["estimators"].items()
             )
-            lines.append(f"  layer {layer['layer']:>3}  1-s {layer['one_minus_s']:.3f}  {ratios}")
+            rank = layer["effective_rank"]
+            erank = "" if rank is None else f"  erank {_fmt(rank['ratio'])}"
+            lines.append(f"  layer {layer['layer']:>3}  1-s {layer['one_minus_s']:.3f}  {ratios}{erank}")
+        for name, signal in entry["signals"].items():
+            left = ", ".join(f"{k} ({why})" for k, why in signal["excluded"].items()) or "none"
+            label = "effective rank" if name == RANK else name
+            lines.append(
+                f"  mean ratio, {label}: {_fmt(signal['ratio'])} over {len(signal['layers'])} layers; left out: {left}"
+            )
     lines.append("* H and H' differ in sign: the ratio does not read as a fraction of entropy kept")
+    lines.append(f"mean ratio: {SIGNAL}")
     return "\n".join(lines)
 
 
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "n/a" if x is None else f"{x:{spec}}"

@@ -74,11 +74,12 @@ def format_table(payload: dict[str, Any]) -> str:
     lines += [f"skipped {name}: {why}" for name, why in payload["skipped"].items()]
     for estimator, preds in payload["entropy_predictions"].items():
         lines.append(
-            f"ln PPL from the entropy ratio alone ({estimator}): s, ratio, predicted, measured, rel. error"
+            f"ln PPL from the entropy ratio alone ({estimator}): s, ratio, predicted, measured, rel. error, "
+            "layers left out of the mean ratio"
         )
         lines += [
             f"  {p['effective_sparsity']:.3f} {p['ratio']:.3f} {p['ln_ppl_predicted']:.3f} "
-            f"{p['ln_ppl_measured']:.3f} {p['rel_error']:.1%}"
+            f"{p['ln_ppl_measured']:.3f} {p['rel_error']:.1%} {','.join(p['excluded']) or 'none'}"
             for p in preds
         ]
     lines += [f"wrote {path}" for path in payload["files"]]

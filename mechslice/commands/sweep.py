@@ -39,7 +39,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", dest="ppl_max_tokens", type=int, default=None)
     p.add_argument("--mc-limit", type=int, default=None, help="first N items of each task (default all)")
     p.add_argument(
-        "--estimators", type=_names, default=None, help="entropy estimators: gaussian,marginal,knn"
+        "--estimators",
+        type=_names,
+        default=None,
+        help="entropy estimators: gaussian,marginal (knn: see below)",
+    )
+    p.add_argument(
+        "--include-knn",
+        action="store_true",
+        help="allow knn in --estimators: its bias depends on d, so its H'/H compares differently biased numbers",
+    )
+    p.add_argument(
+        "--entropy-stream",
+        choices=["normalised", "raw"],
+        default=None,
+        help="measure entropy on x / rms(x) (default: the unit the model fixes) or on the raw block output",
     )
     p.add_argument("--probe-tokens", type=int, default=None, help="tokens for entropy and output shift")
     p.add_argument("--no-report", action="store_true", help="skip fits.json/fits.csv and report.html")
