@@ -11,7 +11,7 @@ from torch import Tensor
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from analyses.layer_entropy import check_estimators, entropy_sweep
-from mechslice.commands._common import add_model_args, emit, model_from_args
+from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args
 from mechslice.commands.trace import add_token_args, token_windows
 from mechslice.corpora import calibration_windows
 from mechslice.errors import MechsliceError
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     sweep = entropy_sweep(
         lm, args.sparsities, calib, windows, estimators, args.rotation, samples, args.layers
     )
-    payload = {"model": lm.name, **sweep.to_dict()}
+    payload = {**model_fields(lm), **sweep.to_dict()}
     if args.html is not None:
         from analyses.figures import entropy_report_html
 
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _text(p: dict[str, Any]) -> str:
     lines = [
-        f"{p['model']}: {p['rotation']} slicing, {p['samples']} samples per layer of {p['tokens']} tokens"
+        f"{p['model']} ({p['dtype']}): {p['rotation']} slicing, {p['samples']} samples per layer of {p['tokens']} tokens"
     ]
     for entry in p["sparsities"]:
         lines.append(

@@ -29,6 +29,7 @@ from mechslice import distributed
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel
 from mechslice.perplexity import sdpa_attention
+from mechslice.precision import dtype_name
 from mechslice.slicing.calibration import SecondMoment, pca, require_finite, warn_if_few_tokens
 from mechslice.slicing.fusion import fuse_norms
 from mechslice.slicing.layers import ShortcutBlock, attn_branch, install_shortcut, mlp_branch
@@ -52,6 +53,8 @@ class SlicingRecord:
     calibration: dict[str, Any]
     spectra: dict[str, list[float]] = field(repr=False)
     versions: dict[str, str] = field(default_factory=dict)
+    # what the calibration forwards computed in (None: a record written before the field existed)
+    dtype: str | None = None
 
     def to_json(self) -> str:
         """The record as a JSON document (the content of `slicing.json`)."""
@@ -303,7 +306,9 @@ class Slicer:
     def record(self, sparsity: float, d_prime: int, round_to: int, shared: bool) -> SlicingRecord:
         """The record of slicing this calibration at `sparsity`."""
         d = len(self.q_pre[0])
-        return _record(self.rotation, sparsity, d, d_prime, round_to, shared, self.calibration, self.spectra)
+        return _record(
+            self.rotation, sparsity, d, d_prime, round_to, shared, self.calibration, self.spectra, self.lm
+        )
 
     @torch.no_grad()
     def sliced(self, sparsity: float, round_to: int = 8) -> tuple[LoadedModel, SlicingRecord]:
@@ -325,6 +330,7 @@ def _record(
     shared: bool,
     calibration: dict[str, Any],
     spectra: dict[str, list[float]],
+    lm: LoadedModel,
 ) -> SlicingRecord:
     return SlicingRecord(
         mode=mode,
@@ -337,6 +343,7 @@ def _record(
         calibration=dict(calibration),
         spectra=spectra,
         versions=_versions(),
+        dtype=dtype_name(lm.model.dtype),
     )
 
 
@@ -374,4 +381,4 @@ def slice_model(
     with sdpa_attention(lm.model):
         spectra = _slice_per_layer(lm, distributed.shard(calib), d_prime, batch_size, progress)
     calibration = {"n_samples": calib.shape[0], "seqlen": calib.shape[1], "tokens": calib.numel()}
-    return _record(rotation, sparsity, d, d_prime, round_to, False, calibration, spectra)
+    return _record(rotation, sparsity, d, d_prime, round_to, False, calibration, spectra, lm)
