@@ -28,7 +28,7 @@ def test_save_and_load_give_identical_logits(tokenizer, tmp_path, rotation):
     _ = lm.bridge  # a built bridge must not leak its wrapper names into the saved weights
     out = save_sliced(lm, record, tmp_path / "sliced")
     lm.model.set_attn_implementation("sdpa")  # the bridge switched to eager; compare like with like
-    loaded = load_model(str(out), device="cpu")
+    loaded = load_model(str(out), device="cpu", dtype=torch.float32)
     assert torch.equal(logits(loaded), logits(lm))  # same fp32 weights, same ops: bit-identical
     assert all(
         isinstance(layer, ShortcutBlock) == (rotation == "per-layer") for layer in loaded.model.model.layers
@@ -92,7 +92,7 @@ def test_cli_refuses_existing_output(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("rotation", ["per-layer", "global"])
 def test_real_model_rotation_without_slicing_is_invariant(rotation):
-    lm = load_model(device="cpu")
+    lm = load_model(device="cpu", dtype=torch.float32)
     ids = torch.randint(0, lm.dims.vocab, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = lm.model(ids).logits
