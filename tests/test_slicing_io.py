@@ -35,7 +35,9 @@ def test_save_and_load_give_identical_logits(tokenizer, tmp_path, rotation):
     )
     saved = json.loads((out / "slicing.json").read_text())
     assert (saved["mode"], saved["d"], saved["d_prime"], saved["sparsity"]) == (rotation, 64, 48, 0.25)
-    assert saved["effective_sparsity"] == 0.25 and "torch" in saved["versions"]
+    assert (
+        saved["effective_sparsity"] == 0.25 and "torch" in saved["versions"] and saved["dtype"] == "float32"
+    )
     assert all(len(s) == 64 for s in saved["spectra"].values())
     if rotation == "global":
         plain = AutoModelForCausalLM.from_pretrained(out).eval()
