@@ -147,6 +147,11 @@ def load_results(directory: str | Path) -> dict[str, Any]:
     return validate_results(results, where=str(path))
 
 
+def results_dtype(results: dict[str, Any]) -> str:
+    """The dtype a sweep's numbers were computed in; sweeps from before the dtype setting ran in float32."""
+    return results.get("settings", {}).get("dtype", "float32")
+
+
 def check_same_model(results: dict[str, Any], model_name: str, fingerprint: str) -> None:
     """Refuse results made by another model than `model_name` / `fingerprint` (e.g. when resuming a sweep)."""
     theirs, their_print = results.get("model"), results.get("model_fingerprint")
@@ -317,6 +322,7 @@ class FitTable:
 
     model: str
     model_fingerprint: str | None
+    dtype: str  # what the sweep's models computed in
     acc_key: str
     ppl0: float | None
     acc0s: dict[str, float]
@@ -335,6 +341,7 @@ class FitTable:
         return {
             "model": self.model,
             "model_fingerprint": self.model_fingerprint,
+            "dtype": self.dtype,
             "acc_key": self.acc_key,
             "dense_point_included": True,
             "note": DENSE_NOTE,
@@ -395,6 +402,7 @@ def fit_results(results: dict[str, Any], acc_key: str = "acc") -> FitTable:
     return FitTable(
         model=results["model"],
         model_fingerprint=results.get("model_fingerprint"),
+        dtype=results_dtype(results),
         acc_key=acc_key,
         ppl0=dense.get("ppl"),
         acc0s=acc0s,

@@ -20,16 +20,17 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from analyses.entropy import RANK, SIGNAL, STREAMS, RatioSignal, finite_or_none, layer_entropy_summary
-from analyses.laws import check_same_model, load_results
+from analyses.laws import check_same_model, load_results, results_dtype
 from analyses.layer_entropy import check_estimators, residual_samples
 from analyses.shift import ShiftAccumulator
 from mechslice import distributed
 from mechslice.atomic import atomic_write_json
 from mechslice.corpora import CALIBRATION_SEED, calibration_windows, corpus_tokens, eval_windows
 from mechslice.errors import MechsliceError
-from mechslice.loading import DTYPES, LoadedModel, load_model
+from mechslice.loading import LoadedModel, default_device, load_model
 from mechslice.mc import TASKS, evaluate_mc
 from mechslice.perplexity import evaluate_perplexity, sdpa_attention
+from mechslice.precision import AUTO, DTYPES, dtype_name, resolve_dtype
 from mechslice.slicing import Slicer, slice_model, sliced_width
 
 RESULTS = "results.json"
@@ -64,7 +65,9 @@ class SweepSettings:
     batch_size: int = 4
     mc_batch_size: int = 16
     quick: bool = False
-    dtype: str = "float32"  # weight dtype of every model in the sweep (a name in mechslice.loading.DTYPES)
+    # compute dtype of every model in the sweep: auto or a name in mechslice.precision.DTYPES; run_sweep
+    # resolves auto on its device, so results.json always records the concrete dtype the numbers were made in
+    dtype: str = AUTO
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict (tuples as lists) for results.json."""
@@ -114,8 +117,8 @@ def check_settings(settings: SweepSettings) -> None:
         raise MechsliceError(
             f"unknown entropy stream '{settings.entropy_stream}'; use {' or '.join(STREAMS)}"
         )
-    if settings.dtype not in DTYPES:
-        raise MechsliceError(f"unknown dtype '{settings.dtype}'; use one of {', '.join(DTYPES)}")
+    if settings.dtype not in (AUTO, *DTYPES):
+        raise MechsliceError(f"unknown dtype '{settings.dtype}'; use one of {', '.join([AUTO, *DTYPES])}")
     if settings.probe_tokens < settings.probe_seqlen:
         raise MechsliceError("--probe-tokens must cover at least one probe window of --probe-seqlen tokens")
 
@@ -269,9 +272,11 @@ def run_sweep(
     are sharded and reduced inside `slice_model` / `Slicer` / the evaluators; only rank 0 writes files.
     """
     check_settings(settings)
+    dtype, _ = resolve_dtype(settings.dtype, device or default_device())
+    settings = replace(settings, dtype=dtype_name(dtype))
 
     def load() -> LoadedModel:
-        return load_model(model, device=device, dtype=DTYPES[settings.dtype])
+        return load_model(model, device=device, dtype=dtype)
 
     dense = load()
     for s in settings.sparsities:
@@ -351,9 +356,15 @@ def _start(
     if not resume:
         raise MechsliceError(f"'{path}' exists; pass --resume to continue it or choose another --out")
     results = load_results(out_dir)
+    if (made_in := results_dtype(results)) != settings.dtype:
+        raise MechsliceError(
+            f"'{path}' was computed in {made_in}, this run would compute in {settings.dtype}; "
+            f"pass --dtype {made_in} to resume it or choose another --out"
+        )
     # a setting the file predates counts as what the code did before it existed, so such results still resume
     defaults = {**SweepSettings().to_json(), **PREDATING}
-    theirs, ours = {**defaults, **results.get("settings", {})}, settings.to_json()
+    theirs = {**defaults, **results.get("settings", {}), "dtype": made_in}
+    ours = settings.to_json()
     differ = sorted(k for k in ours if theirs[k] != ours[k])
     if differ:
         raise MechsliceError(

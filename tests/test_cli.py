@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mechslice.cli import main
+from mechslice.precision import dtype_name, resolve_dtype
 
 
 @pytest.mark.slow
@@ -34,9 +35,23 @@ def test_info_json(capsys: pytest.CaptureFixture[str]) -> None:
 def test_ppl_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ppl", "--seqlen", "256", "--max-tokens", "512", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ("model", "corpus", "split", "seqlen", "tokens", "nll", "ppl", "tokens_per_s"):
+    for key in ("model", "dtype", "corpus", "split", "seqlen", "tokens", "nll", "ppl", "tokens_per_s"):
         assert key in out
     assert out["tokens"] == 2 * 255 and out["ppl"] > 1
+
+
+def test_outputs_record_the_dtype_and_info_says_why(capsys: pytest.CaptureFixture[str]) -> None:
+    auto, why = resolve_dtype("auto", "cpu")  # bfloat16 on a CPU with bf16 units, float32 elsewhere
+    assert main(["info", "--device", "cpu", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["dtype"], info["dtype_reason"]) == (dtype_name(auto), why)
+    assert main(["info", "--device", "cpu", "--dtype", "float32"]) == 0
+    assert "dtype float32 (as asked)" in capsys.readouterr().out
+    ppl = ["ppl", "--device", "cpu", "--seqlen", "64", "--max-tokens", "128", "--json"]
+    for flags, expected in (([], dtype_name(auto)), (["--dtype", "float32"], "float32")):
+        assert main([*ppl, *flags]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["dtype"] == expected and out["tokens"] == 2 * 63
 
 
 @pytest.mark.parametrize(

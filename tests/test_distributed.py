@@ -29,6 +29,8 @@ CALIB_SEED, IDS_SEED, EVAL_SEED = 1, 2, 3
 MC_ITEMS = 12
 
 # ---- tolerances ------------------------------------------------------------------------------------------
+# Every model here is loaded in float32 (not the `auto` default, bfloat16 on a machine with bf16 units): the
+# tolerances below are float32's.
 # Both ranks' batches are the single process's batches (batch size divides each rank's share), so the float32
 # activations are identical and the float64 second moments differ only in summation order (~1e-16 relative).
 # In per-layer mode each basis then shapes the next layer's fp32 input, where a 1e-16 change in Q can flip the
@@ -87,6 +89,8 @@ def _slice_cli(folder: Path, corpus: Path, out: Path) -> list[str]:
         "4",
         "--calib-seqlen",
         "32",
+        "--dtype",
+        "float32",
         "--batch-size",
         "2",
         "--out",
@@ -105,26 +109,30 @@ def _everything(folder: Path, corpus: Path, out: Path) -> dict[str, object]:
 
     calib, ids = _ids(8, 32, CALIB_SEED), _ids(2, 16, IDS_SEED)
     found: dict[str, object] = {}
-    slicer = Slicer(load_model(str(folder), device="cpu"), calib, batch_size=4, progress=False)
+    slicer = Slicer(
+        load_model(str(folder), device="cpu", dtype=torch.float32), calib, batch_size=4, progress=False
+    )
     found["q"] = torch.stack([*slicer.q_pre, *slicer.q_mid])
     found["slicer_spectra"] = slicer.spectra
     for rotation in ("per-layer", "global"):
-        lm = load_model(str(folder), device="cpu")
+        lm = load_model(str(folder), device="cpu", dtype=torch.float32)
         record = slice_model(lm, 0.25, calib, rotation, batch_size=4, progress=False)
         found[f"{rotation}_logits"] = lm.model(ids).logits
         found[f"{rotation}_spectra"] = record.spectra
         found[f"{rotation}_tokens"] = record.calibration["tokens"]
-    dense = load_model(str(folder), device="cpu")
+    dense = load_model(str(folder), device="cpu", dtype=torch.float32)
     ppl = evaluate_perplexity(dense.model, _ids(6, 32, EVAL_SEED), batch_size=1, progress=False)
     found["ppl"] = {"tokens": ppl.tokens, "nll": ppl.nll}  # plain types: rank files load with weights_only
     mc = evaluate_mc(dense.model, dense.tokenizer, "arc_easy", limit=MC_ITEMS, progress=False)
     found["mc"] = (mc.n, mc.acc, mc.acc_norm)
     found["cli_rc"] = main(_slice_cli(folder, corpus, out))
-    found["cli_logits"] = load_model(str(out), device="cpu").model(ids).logits
+    found["cli_logits"] = load_model(str(out), device="cpu", dtype=torch.float32).model(ids).logits
     try:  # one window for two ranks (32 tokens < d: the few-tokens warning is expected, not the point here)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            slice_model(load_model(str(folder), device="cpu"), 0.25, calib[:1], progress=False)
+            slice_model(
+                load_model(str(folder), device="cpu", dtype=torch.float32), 0.25, calib[:1], progress=False
+            )
         found["one_window_error"] = None
     except MechsliceError as err:
         found["one_window_error"] = str(err)
@@ -245,8 +253,8 @@ def test_layer_by_layer_on_a_device_map_equals_in_memory(tiny, rotation):
     from mechslice.slicing import slice_model
 
     calib = _ids(8, 32, CALIB_SEED)
-    whole = load_model(str(tiny), device="cpu")
-    mapped = load_model(str(tiny), device_map=LAYERS_ON_CPU)
+    whole = load_model(str(tiny), device="cpu", dtype=torch.float32)
+    mapped = load_model(str(tiny), device_map=LAYERS_ON_CPU, dtype=torch.float32)
     # every layer sits where the map put it; the same weights on the same device give the same logits exactly
     assert {p.device.type for p in mapped.model.parameters()} == {"cpu"}
     assert torch.equal(_logits(mapped), _logits(whole))
@@ -261,10 +269,13 @@ def test_disk_offload_evaluates_like_in_memory_and_slicing_refuses_it(tiny, tmp_
     from mechslice.slicing import slice_model
 
     offloaded = load_model(
-        str(tiny), device_map={**LAYERS_ON_CPU, "model.layers.1": "disk"}, offload_folder=tmp_path / "offload"
+        str(tiny),
+        device_map={**LAYERS_ON_CPU, "model.layers.1": "disk"},
+        offload_folder=tmp_path / "offload",
+        dtype=torch.float32,
     )
     assert any(p.device.type == "meta" for p in offloaded.model.parameters())
-    whole = load_model(str(tiny), device="cpu")
+    whole = load_model(str(tiny), device="cpu", dtype=torch.float32)
     # accelerate streams the offloaded layer's own weights back in: the computation is the same, bit for bit
     assert torch.equal(_logits(offloaded), _logits(whole))
     windows = _ids(4, 32, EVAL_SEED)

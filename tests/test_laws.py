@@ -389,19 +389,27 @@ def test_entropy_prediction_leaves_out_sign_mixed_layers() -> None:
 
 def test_cli_fit_and_predict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = write_results(tmp_path / "run", make_results(noise=0.01))
+    results = json.loads((folder / "results.json").read_text())
+    results["settings"]["dtype"] = "bfloat16"
+    (folder / "results.json").write_text(json.dumps(results))
     assert main(["fit", str(folder)]) == 0
     text = capsys.readouterr().out
+    assert "(bfloat16; accuracy key: acc)" in text
+    assert json.loads((folder / "fits.json").read_text())["dtype"] == "bfloat16"
+    del results["settings"]["dtype"]
+    (folder / "results.json").write_text(json.dumps(results))
     assert "arc_easy" in text and "-1.08 +0.96 0.03" in text and "dense model" in text
     assert (folder / "fits.csv").is_file() and (folder / "fits.json").is_file()
 
     assert main(["fit", str(folder), "--acc-key", "acc_norm", "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
-    assert payload["acc_key"] == "acc_norm"
+    # these results predate the dtype setting: sweeps then ran in float32, and the fits say so
+    assert payload["acc_key"] == "acc_norm" and payload["dtype"] == "float32"
     assert json.loads((folder / "fits.json").read_text())["acc_key"] == "acc_norm"
 
     assert main(["predict", "--sparsity", "0.35", "--from", str(folder), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["sparsity"] == 0.35 and set(out["tasks"]) == set(ACC0)
+    assert out["sparsity"] == 0.35 and set(out["tasks"]) == set(ACC0) and out["dtype"] == "float32"
     assert out["ppl"]["interval"][0] < out["ppl"]["predicted"] < out["ppl"]["interval"][1]
     assert main(["predict", "--sparsity", "0.35", "--from", str(folder)]) == 0
     assert "perplexity" in capsys.readouterr().out

@@ -376,9 +376,9 @@ def test_kept_fraction() -> None:
 def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = write_sweep(tmp_path / "run", make_results(extras=False))
     assert main(["report", str(folder)]) == 0
-    assert capsys.readouterr().out.strip() == f"wrote {folder / REPORT_FILE}"
+    assert capsys.readouterr().out.strip() == f"wrote {folder / REPORT_FILE} (numbers computed in float32)"
     assert main(["report", str(folder), "--out", str(tmp_path / "x.html"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"report": str(tmp_path / "x.html")}
+    assert json.loads(capsys.readouterr().out) == {"report": str(tmp_path / "x.html"), "dtype": "float32"}
     assert (tmp_path / "x.html").is_file()
 
 

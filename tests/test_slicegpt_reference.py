@@ -17,7 +17,7 @@ from torch import Tensor
 
 from mechslice.loading import LoadedModel, load_model
 from mechslice.slicing import slice_model
-from tests.test_slicing import CALIB, D, IDS, random_lm
+from tests.test_slicing import CALIB, IDS, D, random_lm
 
 
 @pytest.fixture(scope="module")

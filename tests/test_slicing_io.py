@@ -28,7 +28,7 @@ def test_save_and_load_give_identical_logits(tokenizer, tmp_path, rotation):
     _ = lm.bridge  # a built bridge must not leak its wrapper names into the saved weights
     out = save_sliced(lm, record, tmp_path / "sliced")
     lm.model.set_attn_implementation("sdpa")  # the bridge switched to eager; compare like with like
-    loaded = load_model(str(out), device="cpu")
+    loaded = load_model(str(out), device="cpu", dtype=torch.float32)
     assert torch.equal(logits(loaded), logits(lm))  # same fp32 weights, same ops: bit-identical
     layers = loaded.model.model.layers
     assert all(isinstance(layer, ShortcutBlock) == (rotation == "per-layer") for layer in layers[:-1])
@@ -38,7 +38,9 @@ def test_save_and_load_give_identical_logits(tokenizer, tmp_path, rotation):
     assert loaded.model.lm_head.weight.shape == (128, 64)
     saved = json.loads((out / "slicing.json").read_text())
     assert (saved["mode"], saved["d"], saved["d_prime"], saved["sparsity"]) == (rotation, 64, 48, 0.25)
-    assert saved["effective_sparsity"] == 0.25 and "torch" in saved["versions"]
+    assert (
+        saved["effective_sparsity"] == 0.25 and "torch" in saved["versions"] and saved["dtype"] == "float32"
+    )
     assert all(len(s) == 64 for s in saved["spectra"].values())
 
 
@@ -114,7 +116,7 @@ def test_cli_refuses_existing_output(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("rotation", ["per-layer", "global"])
 def test_real_model_rotation_without_slicing_is_invariant(rotation):
-    lm = load_model(device="cpu")
+    lm = load_model(device="cpu", dtype=torch.float32)
     ids = torch.randint(0, lm.dims.vocab, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = lm.model(ids).logits

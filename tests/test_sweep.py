@@ -15,6 +15,7 @@ from mechslice.cli import main
 from mechslice.corpora import load_corpus
 from mechslice.errors import MechsliceError
 from mechslice.loading import load_model
+from mechslice.precision import dtype_name, resolve_dtype
 from tests.conftest import tiny_llama_config
 
 
@@ -81,6 +82,8 @@ def test_sweep_records_and_resume(tiny_folder: Path, corpus: str, tmp_path: Path
     assert all(len(row["eigenvalues"]) == 64 for row in spectra)
     on_disk = json.loads((tmp_path / RESULTS).read_text())
     assert on_disk["records"] == records
+    # the default dtype, auto, is recorded as what it resolved to on this machine
+    assert on_disk["settings"]["dtype"] == dtype_name(resolve_dtype("auto", "cpu")[0])
 
     # An interrupted run: the last sparsity never finished. Resuming recomputes only that one.
     on_disk["records"] = records[:2]
@@ -112,26 +115,32 @@ def test_resume_refuses_another_model(tiny_folder: Path, corpus: str, tmp_path: 
         run_sweep(settings, tmp_path, str(tiny_folder), "cpu", resume=True, progress=False)
 
 
-def test_dtype_setting_runs_and_old_files_resume(tiny_folder: Path, corpus: str, tmp_path: Path) -> None:
+def test_dtype_setting_runs_refuses_another_dtype_and_old_files_resume(
+    tiny_folder: Path, corpus: str, tmp_path: Path
+) -> None:
     def sweep(out: str, resume: bool = False, **kw: object) -> list[dict]:
         settings = _settings(corpus, **kw)
         return run_sweep(settings, tmp_path / out, str(tiny_folder), "cpu", resume, False, lambda _: None)[
             "records"
         ]
 
-    fp32 = sweep("fp32", sparsities=(0.0,))
+    fp32 = sweep("fp32", sparsities=(0.0,), dtype="float32")
     bf16 = sweep("bf16", sparsities=(0.0, 0.5), dtype="bfloat16")
     # bfloat16 weights (8 mantissa bits) move a random model's perplexity a little, never exactly nothing
     assert bf16[0]["ppl"] != fp32[0]["ppl"] and bf16[0]["ppl"] == pytest.approx(fp32[0]["ppl"], rel=0.05)
     assert bf16[1]["d_prime"] == 32 and math.isfinite(bf16[1]["ppl"])
     results = json.loads((tmp_path / "fp32" / RESULTS).read_text())
     assert results["settings"]["dtype"] == "float32"
-    # a file written before the dtype setting existed was made in float32, the default: it resumes as such
+    with pytest.raises(
+        MechsliceError, match="computed in bfloat16, this run would compute in float32; pass "
+    ):
+        sweep("bf16", resume=True, sparsities=(0.0, 0.5), dtype="float32")
+    # a file written before the dtype setting existed was made in float32, the old default: it resumes as such
     del results["settings"]["dtype"]
     (tmp_path / "fp32" / RESULTS).write_text(json.dumps(results))
-    with pytest.raises(MechsliceError, match=r"other settings \(dtype\)"):
+    with pytest.raises(MechsliceError, match=r"computed in float32, .* pass --dtype float32 to resume"):
         sweep("fp32", resume=True, sparsities=(0.0,), dtype="bfloat16")
-    assert sweep("fp32", resume=True, sparsities=(0.0,)) == fp32
+    assert sweep("fp32", resume=True, sparsities=(0.0,), dtype="float32") == fp32
 
 
 @pytest.mark.parametrize(
@@ -178,3 +187,4 @@ def test_quick_sweep_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert records[1]["d_prime"] == 400 and records[1]["ppl"] > records[0]["ppl"] > 1
     assert records[1]["tasks"]["arc_easy"]["n"] == 8
     assert Path(payload["report"]).exists() and Path(payload["fits"]).exists()
+    assert payload["dtype"] == json.loads((tmp_path / RESULTS).read_text())["settings"]["dtype"] != "auto"

@@ -75,6 +75,16 @@ def test_trace_text_table_and_conformance(
     assert "conformance PASS" in text and "E_out" in text and "256 tokens traced" in text
 
 
+def test_a_bfloat16_trace_checks_conformance_in_float32(
+    tiny_folder: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # bfloat16 rounding alone (~1e-2) exceeds conformance's float32 tolerance; the check reloads in float32
+    argv = ["trace", "--model", tiny_folder, "--text", "The cat sat on the warm mat.", "--json"]
+    p = _json(capsys, [*argv, "--dtype", "bfloat16"])
+    assert p["dtype"] == "bfloat16" and p["conformance"]["passed"]
+    assert max(p["conformance"]["worst"].values()) <= p["conformance"]["rel_tol"] == 1e-4
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from mechslice import distributed
-from mechslice.loading import DEFAULT_MODEL, DTYPES, LoadedModel, default_device, load_model
+from mechslice.loading import DEFAULT_MODEL, LoadedModel, default_device, load_model
+from mechslice.precision import AUTO, DTYPES, dtype_name, resolve_dtype
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +23,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default=None, help="torch device (default: cuda when available, else cpu)"
     )
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="weight dtype (default float32)")
+    parser.add_argument(
+        "--dtype",
+        choices=[AUTO, *DTYPES],
+        default=AUTO,
+        help="compute dtype (default auto: bfloat16 where the device has bf16 matrix units, else float32)",
+    )
     add_json_arg(parser)
 
 
@@ -38,12 +44,17 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 def model_from_args(args: argparse.Namespace) -> LoadedModel:
     """Load the model named by `--model` on `--device` in `--dtype`."""
-    return load_model(args.model, device=args.device or default_device(), dtype=dtype_from_args(args))
+    return load_model(args.model, device=args.device or default_device(), dtype=args.dtype)
 
 
-def dtype_from_args(args: argparse.Namespace) -> torch.dtype:
-    """The torch dtype `--dtype` names (float32 when not given)."""
-    return DTYPES[args.dtype or "float32"]
+def dtype_from_args(args: argparse.Namespace) -> tuple[torch.dtype, str]:
+    """The dtype `--dtype` stands for on `--device` (auto resolved), and why it was chosen."""
+    return resolve_dtype(args.dtype, args.device or default_device())
+
+
+def model_fields(lm: LoadedModel) -> dict[str, str]:
+    """The model's name and the dtype it computes in: the first fields of every command's output."""
+    return {"model": lm.name, "dtype": dtype_name(lm.model.dtype)}
 
 
 def emit(args: argparse.Namespace, payload: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> None:

@@ -12,7 +12,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from analyses.entropy import RANK, RATIO_ESTIMATORS, SIGNAL, STREAMS
 from analyses.layer_entropy import check_estimators, entropy_sweep
-from mechslice.commands._common import add_model_args, emit, model_from_args
+from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args
 from mechslice.commands.trace import add_token_args, token_windows
 from mechslice.corpora import CALIBRATION_SEED, calibration_windows
 from mechslice.errors import MechsliceError
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         stream=args.stream,
         include_knn=args.include_knn,
     )
-    payload = {"model": lm.name, **sweep.to_dict()}
+    payload = {**model_fields(lm), **sweep.to_dict()}
     if args.html is not None:
         from analyses.figures import entropy_report_html
 
@@ -106,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _text(p: dict[str, Any]) -> str:
     lines = [
-        f"{p['model']}: {p['rotation']} slicing, {p['samples']} samples per layer of {p['tokens']} tokens, "
-        f"{p['stream']} stream"
+        f"{p['model']} ({p['dtype']}): {p['rotation']} slicing, {p['samples']} samples per layer of "
+        f"{p['tokens']} tokens, {p['stream']} stream"
     ]
     for entry in p["sparsities"]:
         lines.append(

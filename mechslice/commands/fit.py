@@ -49,7 +49,8 @@ def format_table(payload: dict[str, Any]) -> str:
     """The Table 3 analogue as text: our fit of each law beside the paper's two models."""
     paper_head = " | ".join(f"{slug} a, b, RMSE" for slug in PAPER_MODELS.values())
     lines = [
-        f"law fits for {payload['model']} (accuracy key: {payload['acc_key']}); y = a*s + b, 95% CIs",
+        f"law fits for {payload['model']} ({payload['dtype']}; accuracy key: {payload['acc_key']}); "
+        "y = a*s + b, 95% CIs",
         DENSE_NOTE,
         f"{'metric':<10} {'dataset':<14} {'n':>2} {'dof':>3} {'a':>7} {'CI of a':>16} {'b':>7} {'CI of b':>16} "
         f"{'RMSE':>6} {'R^2':>6} {'LOO':>6} | {'anchored a':>10} {'CI':>16} | {paper_head}",

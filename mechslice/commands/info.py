@@ -6,7 +6,8 @@ import argparse
 from typing import Any
 
 from mechslice.architecture import weight_table
-from mechslice.commands._common import add_model_args, emit, model_from_args
+from mechslice.commands._common import add_model_args, dtype_from_args, emit, model_fields
+from mechslice.loading import default_device, load_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,14 +18,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print d, layers, heads, KV heads, head dim, d_mlp, vocab, parameter count and Table 2."""
-    lm = model_from_args(args)
+    """Print the dtype chosen and why, d, layers, heads, KV heads, head dim, d_mlp, vocab, parameters, Table 2."""
+    dtype, reason = dtype_from_args(args)
+    lm = load_model(args.model, device=args.device or default_device(), dtype=dtype)
     dims = lm.dims
     payload = {
-        "model": lm.name,
+        **model_fields(lm),
+        "dtype_reason": reason,
         "source": lm.source,
         "architecture": lm.adapter.model_type,
-        "dtype": str(lm.model.dtype).removeprefix("torch."),
         "d": dims.d,
         "layers": dims.n_layers,
         "heads": dims.h_attn,
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _text(p: dict[str, Any]) -> str:
     lines = [
-        f"{p['model']} ({p['architecture']}, {p['dtype']}) from {p['source']}",
+        f"{p['model']} ({p['architecture']}) from {p['source']}",
+        f"  dtype {p['dtype']} ({p['dtype_reason']})",
         f"  d={p['d']}  layers={p['layers']}  h_attn={p['heads']}  v={p['kv_heads']}  h_dim={p['head_dim']}"
         f"  m={p['d_mlp']}  vocab={p['vocab']}  parameters={p['parameters']:,}  tied={p['tied_embeddings']}",
         "",

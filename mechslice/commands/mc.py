@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mechslice.commands._common import add_model_args, emit, model_from_args, show_progress
+from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args, show_progress
 from mechslice.mc import DEFAULT_SPLITS, evaluate_mc
 from mechslice.mc.tasks import check_limit, task_spec
 
@@ -35,7 +35,7 @@ def _text(payload: dict[str, Any]) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
     return (
-        f"{payload['task']} ({payload['split']} split, {payload['n']} items, {payload['source']})\n"
+        f"{payload['model']} ({payload['dtype']}) on {payload['task']} ({payload['split']} split, {payload['n']} items, {payload['source']})\n"
         f"  acc      {payload['acc']:.4f} ± {stderr(payload['acc_stderr'])}\n"
         f"  acc_norm {payload['acc_norm']:.4f} ± {stderr(payload['acc_norm_stderr'])}\n"
         f"  {payload['seconds']:.1f} s, {payload['items_per_s']:.2f} items/s"
@@ -57,5 +57,5 @@ def run(args: argparse.Namespace) -> int:
         data=args.data,
         progress=show_progress(args),
     )
-    emit(args, {"model": loaded.name, **result.to_json()}, _text)
+    emit(args, {**model_fields(loaded), **result.to_json()}, _text)
     return 0

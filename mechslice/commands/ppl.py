@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mechslice.commands._common import add_model_args, emit, model_from_args, show_progress
+from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args, show_progress
 from mechslice.corpora import corpus_tokens, eval_windows
 from mechslice.errors import MechsliceError
 from mechslice.perplexity import evaluate_perplexity
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     windows = eval_windows(corpus_tokens(lm.tokenizer, args.corpus, args.split), args.seqlen, args.max_tokens)
     result = evaluate_perplexity(lm.model, windows, batch_size=args.batch_size, progress=show_progress(args))
     payload = {
-        "model": lm.name,
+        **model_fields(lm),
         "corpus": args.corpus,
         "split": args.split,
         "seqlen": args.seqlen,
@@ -52,6 +52,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _text(p: dict[str, Any]) -> str:
     return (
-        f"{p['model']} on {p['corpus']}/{p['split']}: perplexity {p['ppl']:.3f} (nll {p['nll']:.4f}) over "
+        f"{p['model']} ({p['dtype']}) on {p['corpus']}/{p['split']}: perplexity {p['ppl']:.3f} (nll {p['nll']:.4f}) over "
         f"{p['tokens']} tokens in {p['windows']} windows of {p['seqlen']}; {p['tokens_per_s']:.0f} tokens/s"
     )

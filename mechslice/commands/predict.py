@@ -66,5 +66,5 @@ def run(args: argparse.Namespace) -> int:
     """Fit the laws on DIR/results.json and print the predictions at --sparsity."""
     s = check_sparsity(args.sparsity)
     table = fit_results(load_results(args.source), acc_key=args.acc_key)
-    emit(args, predict(table, s, table.ppl0, table.acc0s), format_prediction)
+    emit(args, {**predict(table, s, table.ppl0, table.acc0s), "dtype": table.dtype}, format_prediction)
     return 0

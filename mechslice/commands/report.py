@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from analyses.laws import ACC_KEYS
+from analyses.laws import ACC_KEYS, load_results, results_dtype
 from analyses.report import build_report
 from mechslice.commands._common import add_json_arg, emit
 
@@ -30,5 +30,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Write the report and print its path."""
     path = build_report(args.dir, args.out, acc_key=args.acc_key)
-    emit(args, {"report": str(path)}, lambda p: f"wrote {p['report']}")
+    payload = {"report": str(path), "dtype": results_dtype(load_results(args.dir))}
+    emit(args, payload, lambda p: f"wrote {p['report']} (numbers computed in {p['dtype']})")
     return 0

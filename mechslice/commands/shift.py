@@ -11,7 +11,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from analyses.shift import ShiftAccumulator, ShiftResult
-from mechslice.commands._common import add_model_args, emit, model_from_args
+from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args
 from mechslice.commands.entropy import add_calibration_args, calibration_from_args
 from mechslice.commands.trace import add_token_args, token_windows
 from mechslice.errors import MechsliceError
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     sliced, record = Slicer(lm, calib, args.rotation, progress=False).sliced(args.sparsity)
     result = output_shift_over(lm.model, sliced.model, windows, args.batch_size)
     payload = {
-        "model": lm.name,
+        **model_fields(lm),
         "rotation": args.rotation,
         "sparsity": args.sparsity,
         "effective_sparsity": record.effective_sparsity,
@@ -80,7 +80,7 @@ def _row(label: str, s: dict[str, Any]) -> str:
 
 def _text(p: dict[str, Any]) -> str:
     lines = [
-        f"{p['model']}: dense vs {p['rotation']} slice at s={p['sparsity']} (d'={p['d_prime']}, effective "
+        f"{p['model']} ({p['dtype']}): dense vs {p['rotation']} slice at s={p['sparsity']} (d'={p['d_prime']}, effective "
         f"{p['effective_sparsity']:.4f}); ln PPL0/ln PPL = {p['overall']['ln_ppl_ratio']:.4f} vs 1-s",
         f"  {'positions':<12} {'tokens':>7} {'KL':>8} {'JS':>8} {'H dense':>8} {'H slice':>8} {'top-1':>7} "
         f"{'lnPPL0':>8} {'lnPPL':>8}",

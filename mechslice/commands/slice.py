@@ -9,13 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mechslice import distributed
-from mechslice.commands._common import (
-    add_model_args,
-    dtype_from_args,
-    emit,
-    model_from_args,
-    show_progress,
-)
+from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args, show_progress
 from mechslice.corpora import CALIBRATION_SEED, SAMPLERS, calibration_windows
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel, load_model
@@ -95,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     save_sliced(lm, record, args.out, overwrite=args.overwrite)
     payload = {
-        "model": lm.name,
+        **model_fields(lm),
         "out": str(args.out),
         "mode": record.mode,
         "sparsity": record.sparsity,
@@ -122,12 +116,12 @@ def _model(args: argparse.Namespace) -> LoadedModel:
             device_map = json.loads(Path(args.device_map).read_text())
         except (OSError, ValueError) as err:
             raise MechsliceError(f"cannot read the device map '{args.device_map}': {err}") from err
-    return load_model(args.model, dtype=dtype_from_args(args), device_map=device_map)
+    return load_model(args.model, dtype=args.dtype, device_map=device_map)
 
 
 def _text(p: dict[str, Any]) -> str:
     return (
-        f"{p['model']}: sliced {p['mode']} d {p['d']} -> {p['d_prime']} (sparsity {p['sparsity']}, effective "
+        f"{p['model']} ({p['dtype']}): sliced {p['mode']} d {p['d']} -> {p['d_prime']} (sparsity {p['sparsity']}, effective "
         f"{p['effective_sparsity']:.4f}) in {p['seconds']:.1f} s on {p['processes']} process(es); saved to "
         f"{p['out']}; peak memory per device (this process): "
         + ", ".join(f"{device} {gb:.2f} GB" for device, gb in p["peak_memory_gb"].items())

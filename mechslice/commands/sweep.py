@@ -82,7 +82,11 @@ def run(args: argparse.Namespace) -> int:
     results = run_sweep(
         settings, args.out, args.model, args.device, args.resume, progress=show_progress(args)
     )
-    payload: dict[str, Any] = {"out": str(args.out), "records": len(results["records"])}
+    payload: dict[str, Any] = {
+        "out": str(args.out),
+        "dtype": results["settings"]["dtype"],
+        "records": len(results["records"]),
+    }
     if not args.no_report:
         payload.update(_fit_and_report(args.out))
     emit(args, payload, _text)
@@ -101,7 +105,7 @@ def _fit_and_report(out: Path) -> dict[str, Any]:
 
 
 def _text(p: dict[str, Any]) -> str:
-    lines = [f"{p['records']} sparsities in {p['out']}/results.json"]
+    lines = [f"{p['records']} sparsities in {p['out']}/results.json, computed in {p['dtype']}"]
     if p.get("fits"):
         lines.append(f"fits: {p['fits']} and {p['fits_csv']}")
     elif "fits_error" in p:

@@ -6,15 +6,17 @@ import argparse
 import resource
 from typing import Any
 
+import torch
 from jaxtyping import Int
 from torch import Tensor
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from analyses.conformance import check_conformance
 from hooks.flow import TraceError, trace
-from mechslice.commands._common import add_model_args, emit, model_from_args
+from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args
 from mechslice.corpora import corpus_tokens, eval_windows
 from mechslice.errors import MechsliceError
+from mechslice.loading import LoadedModel, default_device, load_model
 
 CONFORMANCE_TOKENS = 128  # conformance recomputes every stage in float64: run it on one short window
 
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     except TraceError as err:
         raise MechsliceError(str(err)) from err
     payload: dict[str, Any] = {
-        "model": lm.name,
+        **model_fields(lm),
         "tokens": result.tokens,
         "rss_model_mb": rss_model,
         "peak_rss_mb": peak_rss_mb(),
@@ -88,14 +90,25 @@ def run(args: argparse.Namespace) -> int:
     }
     if not args.no_conformance:
         first = windows[:1, :CONFORMANCE_TOKENS]
-        payload["conformance"] = check_conformance(lm, first, layers=result.layers).to_dict()
+        payload["conformance"] = check_conformance(_float32(lm, args), first, layers=result.layers).to_dict()
     emit(args, payload, _text)
     return 0
 
 
+def _float32(lm: LoadedModel, args: argparse.Namespace) -> LoadedModel:
+    """`lm` if it computes in float32, else the same weights loaded again in float32.
+
+    Conformance's tolerance separates a wrong equation (deviations of 1e-2 and more) from float32 rounding;
+    bfloat16 rounding alone reaches 1e-2, so the check runs in float32 whatever the trace computed in.
+    """
+    if lm.model.dtype == torch.float32:
+        return lm
+    return load_model(args.model, device=args.device or default_device(), dtype=torch.float32)
+
+
 def _text(p: dict[str, Any]) -> str:
     lines = [
-        f"{p['model']}: {p['tokens']} tokens traced; peak RSS {p['peak_rss_mb']:.0f} MB "
+        f"{p['model']} ({p['dtype']}): {p['tokens']} tokens traced; peak RSS {p['peak_rss_mb']:.0f} MB "
         f"({p['rss_model_mb']:.0f} MB after loading)",
         f"{'layer':>5}  {'stage':<11} {'symbol':<24} {'shape':<16} {'mean |x|':>10} {'mean var':>10}",
     ]

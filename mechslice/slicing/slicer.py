@@ -32,6 +32,7 @@ from mechslice import distributed
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel
 from mechslice.perplexity import sdpa_attention
+from mechslice.precision import dtype_name
 from mechslice.slicing.calibration import SecondMoment, pca, require_finite, warn_if_few_tokens
 from mechslice.slicing.fusion import fuse_norms
 from mechslice.slicing.layers import ShortcutBlock, attn_branch, install_shortcut, mlp_branch
@@ -62,6 +63,8 @@ class SlicingRecord:
     calibration: dict[str, Any]
     spectra: dict[str, list[float]] = field(repr=False)
     versions: dict[str, str] = field(default_factory=dict)
+    # what the calibration forwards computed in (None: a record written before the field existed)
+    dtype: str | None = None
     slice_head: bool = False  # False: SliceGPT's default, the last MLP output and the head stay at width d
 
     @property
@@ -334,7 +337,16 @@ class Slicer:
         """The record of slicing this calibration at `sparsity`."""
         d = len(self.q_pre[0])
         return _record(
-            self.rotation, sparsity, d, d_prime, round_to, shared, slice_head, self.calibration, self.spectra
+            self.rotation,
+            sparsity,
+            d,
+            d_prime,
+            round_to,
+            shared,
+            slice_head,
+            self.calibration,
+            self.spectra,
+            self.lm,
         )
 
     @torch.no_grad()
@@ -362,6 +374,7 @@ def _record(
     slice_head: bool,
     calibration: dict[str, Any],
     spectra: dict[str, list[float]],
+    lm: LoadedModel,
 ) -> SlicingRecord:
     return SlicingRecord(
         slice_head=slice_head,
@@ -375,6 +388,7 @@ def _record(
         calibration=dict(calibration),
         spectra=spectra,
         versions=_versions(),
+        dtype=dtype_name(lm.model.dtype),
     )
 
 
@@ -416,4 +430,4 @@ def slice_model(
     with sdpa_attention(lm.model):
         spectra = _slice_per_layer(lm, distributed.shard(calib), d_prime, slice_head, batch_size, progress)
     calibration = {"n_samples": calib.shape[0], "seqlen": calib.shape[1], "tokens": calib.numel()}
-    return _record(rotation, sparsity, d, d_prime, round_to, False, slice_head, calibration, spectra)
+    return _record(rotation, sparsity, d, d_prime, round_to, False, slice_head, calibration, spectra, lm)
