@@ -209,14 +209,16 @@ def test_sliced_model_saves_reloads_traces_and_conforms(family, rotation, tmp_pa
     assert loaded.adapter.model_type == family and loaded.dims.d == 48
     assert torch.equal(logits(loaded), logits(lm))  # same fp32 weights, same ops: bit-identical
     layers = loaded.adapter.layers(loaded.model)
-    assert all(isinstance(layer, ShortcutBlock) == (rotation == "per-layer") for layer in layers)
+    assert all(isinstance(layer, ShortcutBlock) == (rotation == "per-layer") for layer in layers[:-1])
+    assert isinstance(layers[-1], ShortcutBlock)  # its MLP skip widens d' -> d into the unsliced head
 
     flow = trace(loaded.bridge, PROBE)
-    assert flow.shapes[(0, "E_in")] == (16, 48) and flow.shapes[(1, "E_out")] == (16, 48)
+    assert flow.shapes[(0, "E_in")] == (16, 48) and flow.shapes[(0, "E_out")] == (16, 48)
+    assert flow.shapes[(1, "E_out")] == (16, D)  # the last block writes the full-width stream
     assert flow.shapes[(0, "Q")] == (16, 4, 16) and flow.shapes[(0, "gate")] == (16, 128)
     report = check_conformance(loaded, PROBE)
     assert report.passed, report.worst()
-    assert report.shared_d == [48]  # Table 2: every matrix's residual side is d'
+    assert report.shared_d == [48, D]  # Table 2: residual sides are d', but the last W_down writes d
     checked = {d.stage for d in report.deviations}
     rope_stages = {"Q_rope", "K_rope"}
     # TransformerLens 4.3's joint-QKV attention (Phi-3) never fires hook_rot_q/k: RoPE is checked through W_a.

@@ -37,8 +37,9 @@ def test_tiny_model_conforms_dense_and_sliced(rotation: str | None) -> None:
     assert report.passed, report.worst()
     assert len(report.deviations) == 2 * len(EQUATIONS)
     assert report.missing == [] and report.not_applicable == {}
-    d = 64 if rotation is None else 48
-    assert report.shared_d == [d]  # Table 2: every matrix's residual side is the same d (d' once sliced)
+    # Table 2: every matrix's residual side is the same d; once sliced d', but for the last W_down, which writes
+    # the full-width stream of the unsliced head (SliceGPT's default)
+    assert report.shared_d == ([64] if rotation is None else [48, 64])
     assert all(w["matches"] for w in report.weights)
     has_shortcuts = [getattr(layer, "attn_shortcut", None) is not None for layer in lm.model.model.layers]
     assert all(has_shortcuts) == (rotation == "per-layer")

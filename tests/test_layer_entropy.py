@@ -52,10 +52,11 @@ def test_sweep_reports_ratios_per_layer_and_sparsity() -> None:
     )
     assert [r.d_prime for r in sweep.results] == [48, 32]
     for result in sweep.results:
-        for layer in result.summary.layers:
+        for i, layer in enumerate(result.summary.layers):
             g = layer.estimators["gaussian"]
-            assert layer.one_minus_s == result.d_prime / 64
-            assert g.kappa_sliced == pytest.approx(g.H_sliced / result.d_prime)
+            width = 64 if i == len(result.summary.layers) - 1 else result.d_prime  # the unsliced head's input
+            assert layer.one_minus_s == width / 64
+            assert g.kappa_sliced == pytest.approx(g.H_sliced / width)
             assert g.ratio == pytest.approx(g.H_sliced / g.H_dense)
     # the dense stream's entropy is the same whatever the sparsity it is compared with
     h0 = [r.summary.layers[1].estimators["gaussian"].H_dense for r in sweep.results]

@@ -70,7 +70,7 @@ def test_sweep_records_and_resume(tiny_folder: Path, corpus: str, tmp_path: Path
     # (defect 4), with the effective-rank ratio beside it; the dense record compares a stream with itself.
     for rec in records[1:]:
         entropy, g = rec["entropy"], rec["entropy"]["gaussian"]
-        assert entropy["stream"] == "normalised" and entropy["d_sliced_per_layer"] == [rec["d_prime"]] * 2
+        assert entropy["stream"] == "normalised" and entropy["d_sliced_per_layer"] == [rec["d_prime"], 64]
         used = [g["ratio_per_layer"][int(k)] for k in g["ratio_layers"]]
         assert g["ratio_mean"] == pytest.approx(sum(used) / len(used))
         assert sorted(g["ratio_layers"] + list(g["excluded_layers"])) == ["0", "1"]

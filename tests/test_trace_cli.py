@@ -115,7 +115,7 @@ def test_entropy_and_shift_commands(
     argv = ["entropy", "--model", tiny_folder, *_args(corpus), "--sparsities", "0.25", "0.5", "--json"]
     p = _json(capsys, [*argv, "--estimators", "gaussian", "knn", "--include-knn", "--html", str(html)])
     assert [s["d_prime"] for s in p["sparsities"]] == [48, 32]
-    layer = p["sparsities"][0]["layers"][1]
+    layer = p["sparsities"][0]["layers"][0]  # layer 1, the last, feeds the unsliced head at full width
     assert layer["one_minus_s"] == 0.75 and set(layer["estimators"]) == {"gaussian", "knn"}
     assert html.read_text().count("plotly") > 3
     s = _json(capsys, ["shift", "--model", tiny_folder, *_args(corpus), "--sparsity", "0.25", "--json"])
