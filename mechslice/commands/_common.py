@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from mechslice import distributed
-from mechslice.loading import DEFAULT_MODEL, LoadedModel, default_device, load_model
+from mechslice.loading import DEFAULT_MODEL, LoadedModel, default_device, describe_model, load_model
 from mechslice.precision import AUTO, DTYPES, dtype_name, resolve_dtype
 
 
@@ -54,7 +54,11 @@ def dtype_from_args(args: argparse.Namespace) -> tuple[torch.dtype, str]:
 
 def model_fields(lm: LoadedModel) -> dict[str, str]:
     """The model's name and the dtype it computes in: the first fields of every command's output."""
-    return {"model": lm.name, "dtype": dtype_name(lm.model.dtype)}
+    return {
+        "model": lm.name,
+        "model_description": describe_model(lm.name),
+        "dtype": dtype_name(lm.model.dtype),
+    }
 
 
 def emit(args: argparse.Namespace, payload: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> None:

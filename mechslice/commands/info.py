@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _text(p: dict[str, Any]) -> str:
     lines = [
-        f"{p['model']} ({p['architecture']}) from {p['source']}",
+        f"{p['model']}: {p['model_description']} ({p['architecture']}) from {p['source']}",
         f"  dtype {p['dtype']} ({p['dtype_reason']})",
         f"  d={p['d']}  layers={p['layers']}  h_attn={p['heads']}  v={p['kv_heads']}  h_dim={p['head_dim']}"
         f"  m={p['d_mlp']}  vocab={p['vocab']}  parameters={p['parameters']:,}  tied={p['tied_embeddings']}",
