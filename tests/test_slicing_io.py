@@ -144,6 +144,7 @@ def test_real_model_cli_slice_then_load(tmp_path, capsys):
         "corpus": "wiki",
         "split": "train",
         "seed": 42,
+        "sampler": "slicegpt",
     }
     lm = load_model(str(out), device="cpu")
     assert lm.dims.d == 400 and lm.model.model.embed_tokens.weight.shape == (49152, 400)
