@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mechslice.commands._common import add_model_args, emit, show_progress
+from mechslice.corpora import SAMPLERS
 from mechslice.errors import MechsliceError
 
 
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="also cut the last MLP output, final norm and head to d' (SliceGPT's default keeps them at d)",
     )
-    p.add_argument("--calib-sampler", choices=["slicegpt", "offsets"], default=None, help="default slicegpt")
+    p.add_argument("--calib-sampler", choices=SAMPLERS, default=None, help="default slicegpt")
     p.add_argument("--calib-corpus", default=None)
     p.add_argument("--calib-samples", type=int, default=None)
     p.add_argument("--calib-seqlen", type=int, default=None)
