@@ -20,7 +20,7 @@ from mechslice.adapters import adapter_for
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel, load_model
 from mechslice.slicing import Slicer, fuse_norms, slice_model, sliced_width
-from mechslice.slicing.calibration import SecondMoment, pca
+from mechslice.slicing.calibration import SecondMoment, gram, pca, principal_angles
 from mechslice.slicing.layers import ShortcutBlock
 from tests.conftest import randomize_norms
 
@@ -210,6 +210,28 @@ def test_second_moments_merge_exactly_and_pca_is_sorted():
     assert torch.allclose(q.T @ q, torch.eye(D, dtype=torch.float64), atol=1e-10)
     damped = x.T @ x / 100 + 0.01 * (x.T @ x / 100).diagonal().mean() * torch.eye(D, dtype=torch.float64)
     assert torch.allclose(q @ torch.diag(eigenvalues) @ q.T, damped, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gram_matches_float64_of_the_same_values(dtype):
+    # the products of bf16/fp16 values are exact in float32, so only the float32 within-batch sum rounds:
+    # relative error about 2^-24 sqrt(4096) = 4e-6 at most; 2e-5 leaves a margin and fails for a bf16 GEMM (1.7e-3)
+    x = torch.randn(4096, 96, generator=torch.Generator().manual_seed(5)).to(dtype)
+    exact = x.double().T @ x.double()
+    got = gram(x)
+    assert got.dtype == torch.float64
+    assert ((got - exact).norm() / exact.norm()).item() < 2e-5
+
+
+def test_principal_angles_recover_a_known_rotation():
+    q, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    a = q[:, :4]
+    theta = torch.tensor([1e-6, 1e-3, 0.3, 1.2], dtype=torch.float64)
+    b = (
+        a * theta.cos() + q[:, 4:8] * theta.sin()
+    )  # rotate each column of a towards its own orthogonal partner
+    assert torch.allclose(principal_angles(a, b), theta.flip(0), rtol=1e-8, atol=1e-12)
+    assert torch.allclose(principal_angles(a, a), torch.zeros(4, dtype=torch.float64), atol=1e-12)
 
 
 def test_sliced_width_rounds_down():
