@@ -233,6 +233,44 @@ def test_report_contains_table3_numbers(tmp_path: Path) -> None:
     assert f"RMSE {table.row('ppl').literal_rmse:.3f}" in table_html
 
 
+@pytest.mark.parametrize(
+    ("corpus", "label"),
+    [
+        ("wiki", "wiki (Wikipedia lead sections, not WikiText2)"),
+        ("wikitext2:/data/wikitext", "WikiText2 (wikitext)"),
+        ("text:/data/my_corpus.txt", "text file my_corpus.txt"),
+    ],
+)
+def test_table3_names_the_perplexity_corpus_the_sweep_used(tmp_path: Path, corpus: str, label: str) -> None:
+    results = make_results(extras=False)
+    results["settings"]["ppl_corpus"] = corpus
+    rest = _without_plotlyjs(build_report(write_sweep(tmp_path, results)).read_text(encoding="utf-8"))
+    table_html = rest.split('id="table3"')[1].split("<h2")[0]
+    assert f"<tr><td class=l>ln PPL0/ln PPL</td><td class=l>{label}</td>" in table_html
+
+
+def test_report_names_dropped_points_and_the_task_that_cannot_be_fitted(tmp_path: Path) -> None:
+    # ARC-e: acc = 0 at two of four sparsities (ln 0 is undefined); PIQA keeps one: no fit, no interval.
+    results = make_results(extras=False)
+    records = results["records"]
+    for i in (2, 3):
+        records[i]["tasks"]["arc_easy"].update(acc=0.0, stderr=0.0)
+    for i in (1, 2, 3):
+        records[i]["tasks"]["piqa"].update(acc=0.0, stderr=0.0)
+    rest = _without_plotlyjs(build_report(write_sweep(tmp_path, results)).read_text(encoding="utf-8"))
+    where = f"s = {records[2]['effective_sparsity']:.3f}, {records[3]['effective_sparsity']:.3f} dropped"
+    dropped = f"{where} (acc = 0, where ln(acc / acc0) is undefined); 2 of 4 sparsities &gt; 0 have a"
+    summary_html = rest.split('id="summary"')[1].split("<h2")[0]
+    arc_e = next(li for li in summary_html.split("<li>") if li.startswith("ARC-e: a = "))
+    assert f"Left out of the fit: {dropped}" in arc_e and "biased toward 0" in arc_e
+    assert "<li>PIQA: cannot be fitted: s = " in summary_html
+    table_html = rest.split('id="table3"')[1].split("<h2")[0]
+    assert f"<li>ARC-e: {dropped}" in table_html
+    assert "<li>PIQA: cannot be fitted: s = " in table_html and "has a defined value" in table_html
+    assert "<td class=l>PIQA</td>" not in table_html  # no row of numbers for it
+    assert not re.search(r"\[([+-]\d\.\d{3}), \1\]", rest)  # no zero-width interval anywhere
+
+
 def test_report_without_extras_builds_with_notes(tmp_path: Path) -> None:
     folder = write_sweep(tmp_path, make_results(extras=False))
     rest = _without_plotlyjs(build_report(folder).read_text(encoding="utf-8"))
@@ -247,7 +285,9 @@ def test_report_when_nothing_can_be_fitted(tmp_path: Path) -> None:
     # Only the dense model: no line can be fitted, yet the report builds and says why.
     folder = write_sweep(tmp_path, make_results(nominal=(0.0,), extras=False))
     page = build_report(folder).read_text(encoding="utf-8")
-    assert page.count("No law could be fitted") == 4  # the summary, Figs. 3a and 3b, Table 3
+    # Said once, in the summary, with the reason; the law sections are left out rather than repeating it.
+    assert page.count("No law could be fitted") == 1
+    assert page.count("the sweep has 0") == 1 and 'id="table3"' not in page
     assert "Plotly.newPlot(" not in page and "plotly.js" not in page  # no figure, so no bundle either
 
 
