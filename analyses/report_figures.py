@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.colors import sample_colorscale
+from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
 from analyses.fits import LineFit
@@ -26,6 +26,9 @@ SHIFT_PANELS = (
     ("top1_agreement", "top-1 agreement"),
 )
 
+# One distinct hue per task (a qualitative palette: a sequential one makes tasks look like an ordered series).
+TASK_COLORS = qualitative.D3
+X_SPREAD = 0.012  # neighbouring tasks' points: this share of the s range apart, ~12 px, past a 4 px bar cap
 S_COLOR_MAX = 0.6  # sparsities from here on share the lightest colour
 SIG_DIGITS = 4  # eigenvalues are rounded to this many significant digits in the page (a plot, not a dataset)
 
@@ -50,15 +53,20 @@ def _line_xs(fit: LineFit) -> np.ndarray:
     return np.array([0.0, max(fit.s_max, 0.05)])
 
 
-def _paper_line_traces(fit: LineFit, dataset: str) -> list[go.Scatter]:
+def _paper_line_traces(
+    fit: LineFit, dataset: str, color: str | None = None, group: str = ""
+) -> list[go.Scatter]:
+    """Table 3's line of each paper model for `dataset` over our fitted range (Llama-3 dashed, Phi-3 dash-dot);
+    with `group`, in `color` and in that legend group, its name prefixed by it."""
     xs = _line_xs(fit)
     return [
         go.Scatter(
             x=xs,
             y=p.a * xs + p.b,
             mode="lines",
-            name=f"Table 3 {PAPER_SHORT[m]} ({p.a:+.2f}s {p.b:+.2f})",
-            line=dict(dash="dash" if i == 0 else "dashdot", width=1.5),
+            name=f"{group + ': ' if group else ''}Table 3 {PAPER_SHORT[m]} ({p.a:+.2f}s {p.b:+.2f})",
+            line=dict(dash="dash" if i == 0 else "dashdot", width=1.5, color=color),
+            legendgroup=group or None,
         )
         for i, (m, p) in enumerate(PAPER_TABLE3.get(dataset, {}).items())
     ]
@@ -116,32 +124,48 @@ def accuracy_points(
     return s, y, err
 
 
+def _offsets(n: int, fits: Sequence[LineFit]) -> list[float]:
+    """x shifts that spread n tasks' points around each sparsity so their error bars do not overlap."""
+    step = X_SPREAD * max([f.s_max for f in fits] + [0.05])
+    return [(i - (n - 1) / 2) * step for i in range(n)]
+
+
 def figure_3b(results: dict[str, Any], table: FitTable) -> go.Figure:
-    """Fig. 3b analogue: ln(acc/acc0) per task against effective sparsity, with error bars and fitted lines."""
+    """Fig. 3b analogue: ln(acc/acc0) per task against effective sparsity, with error bars, our fitted line
+    and Table 3's lines, one qualitative colour per task; points are shifted a little along s (hover: the
+    true s) so that the tasks' error bars stay apart."""
     fig = go.Figure()
-    palette = sample_colorscale("Plotly3", [0.1 + 0.8 * i / 5 for i in range(6)])
-    for i, row in enumerate(r for r in table.rows if r.metric == "accuracy"):
-        color = palette[i % len(palette)]
+    rows = [r for r in table.rows if r.metric == "accuracy"]
+    for i, (row, shift) in enumerate(zip(rows, _offsets(len(rows), [r.fit for r in rows]), strict=True)):
+        color = TASK_COLORS[i % len(TASK_COLORS)]
         s, y, err = accuracy_points(results, row.dataset, table.acc_key)
-        bars = [0.0 if e is None else e for e in err]
         label = task_label(row.dataset)
         fig.add_trace(
             go.Scatter(
-                x=s,
+                x=[v + shift for v in s],
                 y=y,
+                customdata=s,
+                hovertemplate=f"{label}<br>s = %{{customdata:.3f}}<br>ln(acc/acc0) = %{{y:.3f}}<extra></extra>",
                 mode="markers",
                 name=label,
                 marker=dict(color=color, size=8),
-                error_y=dict(type="data", array=bars, visible=any(e is not None for e in err)),
+                error_y=dict(
+                    type="data",
+                    array=[0.0 if e is None else e for e in err],
+                    visible=any(e is not None for e in err),
+                ),
                 legendgroup=label,
             )
         )
         fit_line = _fit_trace(row.fit, label, color)
         fit_line.legendgroup = label
         fig.add_trace(fit_line)
+        for trace in _paper_line_traces(row.fit, row.dataset, color, label):
+            fig.add_trace(trace)
     fig.update_layout(
-        title=f"Fig. 3b analogue: ln(acc/acc0) vs effective sparsity ({table.acc_key}; bars ±1 se)",
-        xaxis_title="effective sparsity s = 1 - d'/d",
+        title=f"Fig. 3b analogue: ln(acc/acc0) vs effective sparsity ({table.acc_key}; bars ±1 se; "
+        "solid: our fit, dashed: Table 3 Llama-3, dash-dot: Phi-3)",
+        xaxis_title="effective sparsity s = 1 - d'/d (points spread slightly per task)",
         yaxis_title="ln(acc / acc0)",
     )
     return fig

@@ -13,9 +13,9 @@ import numpy as np
 import plotly.offline
 import pytest
 
-from analyses.laws import fit_results
+from analyses.laws import PAPER_TABLE3, fit_results
 from analyses.report import REPORT_FILE, build_report
-from analyses.report_figures import kept_fraction
+from analyses.report_figures import figure_3b, kept_fraction
 from analyses.report_text import quick_note, summary
 from mechslice.cli import main
 from mechslice.errors import MechsliceError
@@ -441,3 +441,22 @@ def test_cli_report_bad_input(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (folder / REPORT_FILE).exists()
+
+
+def test_figure_3b_has_the_papers_line_per_task_in_the_tasks_own_colour() -> None:
+    results = make_results(extras=False)
+    table = fit_results(results)
+    fig = figure_3b(results, table)
+    points = {t.name: t for t in fig.data if t.mode == "markers"}
+    assert set(points) == {"ARC-e", "ARC-c", "PIQA"}
+    colors = {name: t.marker.color for name, t in points.items()}
+    assert len(set(colors.values())) == 3  # a distinct hue per task
+    for task, name in (("arc_easy", "ARC-e"), ("arc_challenge", "ARC-c"), ("piqa", "PIQA")):
+        paper = [t for t in fig.data if t.name.startswith(f"{name}: Table 3")]
+        assert len(paper) == 2 and all(t.line.color == colors[name] for t in paper)
+        slopes = sorted(float(np.diff(t.y)[0] / np.diff(t.x)[0]) for t in paper)
+        assert slopes == pytest.approx(sorted(p.a for p in PAPER_TABLE3[task].values()))
+    # The tasks' points are spread around each sparsity (the true s is kept for the hover).
+    xs = [np.asarray(t.x) for t in points.values()]
+    assert all(np.all(np.abs(a - b) > 0.002) for i, a in enumerate(xs) for b in xs[i + 1 :])
+    assert all(np.all(np.abs(np.asarray(t.x) - np.asarray(t.customdata)) < 0.01) for t in points.values())
