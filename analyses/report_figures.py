@@ -17,7 +17,7 @@ from plotly.subplots import make_subplots
 
 from analyses.fits import LineFit
 from analyses.laws import PAPER_TABLE3, PPL, FitTable, dense_record, entropy_predictions, record_signal
-from analyses.layer_plots import layer_curves, spectrum_lines
+from analyses.layer_plots import bin_labels, binned_log_shares, index_bins, layer_curves, spectra_heatmap
 from analyses.report_text import PAPER_SHORT, STDERR_KEYS, task_label
 
 SHIFT_PANELS = (
@@ -30,7 +30,6 @@ SHIFT_PANELS = (
 TASK_COLORS = qualitative.D3
 X_SPREAD = 0.012  # neighbouring tasks' points: this share of the s range apart, ~12 px, past a 4 px bar cap
 S_COLOR_MAX = 0.6  # sparsities from here on share the lightest colour
-SIG_DIGITS = 4  # eigenvalues are rounded to this many significant digits in the page (a plot, not a dataset)
 
 
 def sorted_records(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -294,10 +293,6 @@ def prediction_figure(results: dict[str, Any], table: FitTable | None) -> go.Fig
     return fig
 
 
-def _round(values: np.ndarray) -> list[float]:
-    return [float(f"{v:.{SIG_DIGITS}g}") for v in values]
-
-
 def descending(eigenvalues: Sequence[float]) -> np.ndarray:
     """Eigenvalues sorted descending, in float64, with negatives (round-off of a PSD matrix) set to 0."""
     return np.sort(np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None))[::-1]
@@ -310,58 +305,90 @@ def kept_fraction(eigenvalues: Sequence[float], d_prime: int) -> float:
     return float(lam[:d_prime].sum() / total) if total > 0 else math.nan
 
 
+def _shares(eigenvalues: Sequence[float]) -> np.ndarray:
+    """Eigenvalues as descending shares λ_i / Σλ (all zero when the spectrum is)."""
+    lam = descending(eigenvalues)
+    return lam / lam.sum() if lam.sum() > 0 else lam
+
+
+def _kept_trace(rec: dict[str, Any], rotations: list[dict[str, Any]]) -> go.Scatter:
+    return go.Scatter(
+        x=[r["name"] for r in rotations],
+        y=[kept_fraction(r["eigenvalues"], rec["d_prime"]) for r in rotations],
+        mode="lines+markers",
+        name=f"{s_label(rec)}, d'={rec['d_prime']}",
+        line=dict(color=sparsity_color(rec)),
+    )
+
+
+def _column_of(edges: Sequence[int], index: int) -> int:
+    """The heat-map column holding 1-based eigenvalue index `index`."""
+    return next(j for j, hi in enumerate(edges[1:]) if index <= hi)
+
+
+def _d_prime_shape(edges: Sequence[int], d_prime: int) -> dict[str, Any]:
+    """The dotted line after the column holding index d' (columns sit at 0, 1, ... on the category axis)."""
+    x = _column_of(edges, d_prime) + 0.5
+    return dict(
+        type="line", x0=x, x1=x, y0=0, y1=1, yref="paper", line=dict(dash="dot", color="white", width=2)
+    )
+
+
+def _index_ticks(edges: Sequence[int]) -> tuple[list[str], list[str]]:
+    """Tick positions (column names) and texts at the columns holding indices 1, 2, 5, 10, 20, 50, ..., d."""
+    labels = bin_labels(edges)
+    wanted = [k * 10**e for e in range(6) for k in (1, 2, 5)] + [edges[-1]]
+    columns = sorted({_column_of(edges, i) for i in wanted if i <= edges[-1]})
+    return [labels[j] for j in columns], [str(edges[j + 1]) for j in columns]
+
+
+def _spectrum_menu(
+    spectra: Sequence[tuple[dict[str, Any], list[dict[str, Any]]]], edges: list[int]
+) -> list[dict[str, Any]]:
+    """One button per sparsity: show its heat map, move the d' line, retitle."""
+    return [
+        dict(
+            label=s_label(rec),
+            method="update",
+            args=[
+                {"visible": [j == i for j in range(len(spectra))]},
+                {"shapes": [_d_prime_shape(edges, rec["d_prime"])], "title.text": _spectra_title(rec)},
+            ],
+        )
+        for i, (rec, _) in enumerate(spectra)
+    ]
+
+
+def _spectra_title(rec: dict[str, Any]) -> str:
+    return f"Eigenvalue spectra per rotation ({s_label(rec)}, d'={rec['d_prime']}; dotted: d')"
+
+
 def spectra_figures(
     spectra: Sequence[tuple[dict[str, Any], list[dict[str, Any]]]],
 ) -> tuple[go.Figure, go.Figure]:
-    """Kept share of eigenvalue mass per rotation (a curve per sparsity), and the full normalised spectra of
-    every rotation with a menu to pick the sparsity; the dotted line marks d'."""
-    kept = go.Figure()
+    """Kept share of eigenvalue mass per rotation (a curve per sparsity), and a heat map of every rotation's
+    normalised spectrum (rows in network order, log-binned eigenvalue index across) with a menu to pick the
+    sparsity; the dotted line marks d'. A heat map, not a line per rotation: sixty lines on one axis cannot be
+    told apart, and binning bounds the page's size whatever d is."""
+    kept = go.Figure([_kept_trace(rec, rotations) for rec, rotations in spectra])
+    edges = index_bins(max(len(r["eigenvalues"]) for _, rotations in spectra for r in rotations))
+    shares = [[_shares(r["eigenvalues"]) for r in rotations] for _, rotations in spectra]
+    logs = np.concatenate([binned_log_shares(s, edges).ravel() for s in shares])
+    zrange = (float(np.nanmin(logs)), float(np.nanmax(logs)))  # one colour scale for every sparsity
     full = go.Figure()
-    buttons, visible_sets = [], []
-    for rec, rotations in spectra:
-        label = s_label(rec)
-        kept.add_trace(
-            go.Scatter(
-                x=[r["name"] for r in rotations],
-                y=[kept_fraction(r["eigenvalues"], rec["d_prime"]) for r in rotations],
-                mode="lines+markers",
-                name=f"{label}, d'={rec['d_prime']}",
-                line=dict(color=sparsity_color(rec)),
-            )
-        )
-        start = len(full.data)
-        shades = sample_colorscale(
-            "Viridis", [0.9 * i / max(len(rotations) - 1, 1) for i in range(len(rotations))]
-        )
-        shares = {}
-        for r in rotations:
-            lam = descending(r["eigenvalues"])
-            shares[r["name"]] = _round(lam / lam.sum() if lam.sum() > 0 else lam)
-        for trace in spectrum_lines(shares, shades):
-            trace.visible = not buttons
-            full.add_trace(trace)
-        visible_sets.append((start, len(full.data), rec["d_prime"]))
-        buttons.append(label)
-    n = len(full.data)
-    menu = [
-        dict(
-            label=label,
-            method="update",
-            args=[
-                {"visible": [lo <= i < hi for i in range(n)]},
-                {
-                    "shapes": [_d_prime_line(d_prime)],
-                    "title.text": f"Eigenvalue spectra per rotation ({label})",
-                },
-            ],
-        )
-        for label, (lo, hi, d_prime) in zip(buttons, visible_sets, strict=True)
-    ]
+    for i, ((_, rotations), rows) in enumerate(zip(spectra, shares, strict=True)):
+        full.add_trace(spectra_heatmap([r["name"] for r in rotations], rows, edges, zrange))
+        full.data[-1].visible = i == 0
+    menu = _spectrum_menu(spectra, edges)
+    tickvals, ticktext = _index_ticks(edges)
+    first = spectra[0][0]
     full.update_layout(
-        title=f"Eigenvalue spectra per rotation ({buttons[0]})",
-        xaxis_title="eigenvalue index (descending)",
-        yaxis=dict(title="λ_i / Σλ", type="log"),
-        shapes=[_d_prime_line(visible_sets[0][2])],
+        title=_spectra_title(first),
+        xaxis=dict(
+            title="eigenvalue index (descending; log-spaced bins)", tickvals=tickvals, ticktext=ticktext
+        ),
+        yaxis=dict(title="rotation (network order)", autorange="reversed"),
+        shapes=[_d_prime_shape(edges, first["d_prime"])],
         updatemenus=[dict(buttons=menu, x=1.0, y=1.15, xanchor="right")] if len(menu) > 1 else [],
     )
     kept.update_layout(
@@ -370,12 +397,6 @@ def spectra_figures(
         yaxis_title="Σ_{i≤d'} λ_i / Σ λ",
     )
     return kept, full
-
-
-def _d_prime_line(d_prime: int) -> dict[str, Any]:
-    return dict(
-        type="line", x0=d_prime, x1=d_prime, y0=0, y1=1, yref="paper", line=dict(dash="dot", color="grey")
-    )
 
 
 def shift_overall(rec: dict[str, Any]) -> dict[str, Any] | None:

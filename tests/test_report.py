@@ -3,6 +3,7 @@ offline self-containment, the Table 3 numbers, atomic writing, and the `mechslic
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -14,6 +15,7 @@ import plotly.offline
 import pytest
 
 from analyses.laws import PAPER_TABLE3, fit_results
+from analyses.layer_plots import HEATMAP_COLUMNS, binned_log_shares, index_bins
 from analyses.report import REPORT_FILE, build_report
 from analyses.report_figures import figure_3b, kept_fraction
 from analyses.report_text import quick_note, summary
@@ -33,6 +35,8 @@ def make_results(
     extras: bool = True,
     quick: bool = False,
     seed: int = 0,
+    d: int = D,
+    layers: int = LAYERS,
 ) -> dict[str, Any]:
     """A sweep following the laws with a little noise; with `extras`, entropy, shift and spectra files too.
 
@@ -41,8 +45,8 @@ def make_results(
     rng = np.random.default_rng(seed)
     records = []
     for s_nom in nominal:
-        d_prime = int((1 - s_nom) * D) // 8 * 8
-        s = 1 - d_prime / D
+        d_prime = int((1 - s_nom) * d) // 8 * 8
+        s = 1 - d_prime / d
         noise = 0.0 if s == 0 else rng.normal(0.0, 0.01)
         tasks = {
             task: {
@@ -58,7 +62,7 @@ def make_results(
         rec: dict[str, Any] = {
             "sparsity": s_nom,
             "effective_sparsity": s,
-            "d": D,
+            "d": d,
             "d_prime": d_prime,
             "ppl": math.exp(math.log(PPL0) / (1.0 + PPL_SLOPE * s + noise)),
             "ppl_tokens": 4096,
@@ -66,8 +70,8 @@ def make_results(
             "seconds": {"slice": 1.5, "ppl": 2.0, "total": 731.0},
         }
         if extras:
-            h_dense = 10.0 + np.arange(LAYERS, dtype=float)
-            ratios = (1 - s) * (1 + 0.02 * rng.standard_normal(LAYERS))
+            h_dense = 10.0 + np.arange(layers, dtype=float)
+            ratios = (1 - s) * (1 + 0.02 * rng.standard_normal(layers))
             rec["entropy"] = {
                 est: {
                     "per_layer_dense": list(h_dense * scale),
@@ -117,8 +121,8 @@ def make_results(
     }
 
 
-def write_sweep(folder: Path, results: dict[str, Any]) -> Path:
-    """results.json plus, for records that name one, a spectra file of 2 rotations per layer."""
+def write_sweep(folder: Path, results: dict[str, Any], layers: int = LAYERS) -> Path:
+    """results.json plus, for records that name one, a spectra file of 2 rotations per layer (of width d)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(results))
     rng = np.random.default_rng(1)
@@ -127,9 +131,9 @@ def write_sweep(folder: Path, results: dict[str, Any]) -> Path:
             spectra = [
                 {
                     "name": f"layer{i}.{part}",
-                    "eigenvalues": sorted(rng.exponential(1.0, D).tolist(), reverse=True),
+                    "eigenvalues": sorted(rng.exponential(1.0, rec["d"]).tolist(), reverse=True),
                 }
-                for i in range(LAYERS)
+                for i in range(layers)
                 for part in ("attn", "mlp")
             ]
             path = folder / rec["spectra_file"]
@@ -187,6 +191,21 @@ def test_full_report_has_every_section_and_is_offline(tmp_path: Path) -> None:
     # The time per sparsity is the recorded total, not the total added to its parts.
     raw_html = rest.split('id="raw"')[1]
     assert raw_html.count("<td>731</td>") == 5 and "<td>734</td>" not in raw_html
+
+
+# What a report page with plotly.js inlined (4.8 MB of it) should stay under.
+PAGE_LIMIT = 6_000_000
+
+
+def test_a_realistic_sweeps_page_stays_under_the_size_limit(tmp_path: Path) -> None:
+    # SmolLM2-135M's shape: d = 576, 30 layers (60 rotations), eight sparsities. The line-per-rotation
+    # spectra made this page 8.4 MB; the binned heat map holds every sparsity in a fraction of that.
+    nominal = (0.0, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+    results = make_results(nominal=nominal, d=576, layers=30)
+    page = build_report(write_sweep(tmp_path, results, layers=30)).read_bytes()
+    assert len(page) < PAGE_LIMIT
+    spectra_html = page.split(b'id="spectra"')[1].split(b"<h2")[0]
+    assert len(spectra_html) < 500_000 and spectra_html.count(b'"zmin"') == len(nominal)
 
 
 def test_report_names_the_layers_left_out_of_the_entropy_ratio(tmp_path: Path) -> None:
@@ -460,3 +479,16 @@ def test_figure_3b_has_the_papers_line_per_task_in_the_tasks_own_colour() -> Non
     xs = [np.asarray(t.x) for t in points.values()]
     assert all(np.all(np.abs(a - b) > 0.002) for i, a in enumerate(xs) for b in xs[i + 1 :])
     assert all(np.all(np.abs(np.asarray(t.x) - np.asarray(t.customdata)) < 0.01) for t in points.values())
+
+
+def test_spectra_heat_map_bins_cover_every_index_once() -> None:
+    edges = index_bins(576)
+    assert edges[0] == 0 and edges[-1] == 576 and len(edges) - 1 <= HEATMAP_COLUMNS
+    assert np.all(np.diff(edges) > 0) and edges[:21] == list(range(21))  # the top: one index a column
+    share = np.arange(576, 0, -1, dtype=np.float64)
+    share /= share.sum()
+    z = binned_log_shares([share, share[:100]], edges)
+    expected = [np.log10(share[lo:hi].mean()) for lo, hi in itertools.pairwise(edges)]
+    assert z.dtype == np.float32 and z[0] == pytest.approx(expected, rel=1e-6)
+    covered = np.array(edges[1:]) <= 100
+    assert np.all(np.isfinite(z[1][covered])) and np.all(np.isnan(z[1][np.array(edges[:-1]) >= 100]))
