@@ -16,7 +16,15 @@ from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
 from analyses.fits import LineFit
-from analyses.laws import PAPER_TABLE3, PPL, FitTable, dense_record, entropy_predictions, record_signal
+from analyses.laws import (
+    DENSE_TOLERANCE,
+    PAPER_TABLE3,
+    PPL,
+    FitTable,
+    dense_record,
+    entropy_predictions,
+    record_signal,
+)
 from analyses.layer_plots import bin_labels, binned_log_shares, index_bins, layer_curves, spectra_heatmap
 from analyses.report_text import PAPER_SHORT, STDERR_KEYS, task_label
 
@@ -29,6 +37,7 @@ SHIFT_PANELS = (
 # One distinct hue per task (a qualitative palette: a sequential one makes tasks look like an ordered series).
 TASK_COLORS = qualitative.D3
 X_SPREAD = 0.012  # neighbouring tasks' points: this share of the s range apart, ~12 px, past a 4 px bar cap
+DENSE_COLOR = "black"
 S_COLOR_MAX = 0.6  # sparsities from here on share the lightest colour
 
 
@@ -37,14 +46,21 @@ def sorted_records(results: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(results["records"], key=lambda r: r["effective_sparsity"])
 
 
+def _is_dense(rec: dict[str, Any]) -> bool:
+    return rec["effective_sparsity"] < DENSE_TOLERANCE
+
+
 def sparsity_color(rec: dict[str, Any]) -> str:
-    """A colour fixed by the effective sparsity (dark for dense, light by S_COLOR_MAX), the same in every figure."""
+    """A colour fixed by the effective sparsity (black for dense, then dark to light by S_COLOR_MAX), the same
+    in every figure."""
+    if _is_dense(rec):
+        return DENSE_COLOR
     return sample_colorscale("Viridis", [0.9 * min(rec["effective_sparsity"] / S_COLOR_MAX, 1.0)])[0]
 
 
 def s_label(rec: dict[str, Any]) -> str:
-    """A record's legend name, its effective sparsity."""
-    return f"s={rec['effective_sparsity']:.3f}"
+    """A record's legend name: its effective sparsity, or "dense (s = 0)"."""
+    return "dense (s = 0)" if _is_dense(rec) else f"s = {rec['effective_sparsity']:.3f}"
 
 
 def _line_xs(fit: LineFit) -> np.ndarray:
@@ -181,10 +197,17 @@ def entropy_figures(records: Sequence[dict[str, Any]], estimator: str) -> tuple[
     dense = next(
         (st["per_layer_dense"] for st in entropy_stats(records, estimator) if st.get("per_layer_dense")), None
     )
-    if dense:
+    dense_drawn = any(
+        _is_dense(r) and ((r.get("entropy") or {}).get(estimator) or {}).get("per_layer") for r in records
+    )
+    if dense and not dense_drawn:  # the dense record's own curve, when it has one, is the same line
         curves.add_trace(
             go.Scatter(
-                x=list(range(len(dense))), y=dense, mode="lines", name="dense", line=dict(color="black")
+                x=list(range(len(dense))),
+                y=dense,
+                mode="lines",
+                name="dense (s = 0)",
+                line=dict(color=DENSE_COLOR),
             )
         )
     ratio_curves, colors, levels = {}, {}, {}
@@ -219,11 +242,6 @@ def entropy_figures(records: Sequence[dict[str, Any]], estimator: str) -> tuple[
 def entropy_ratio_figure(records: Sequence[dict[str, Any]], estimators: Sequence[str]) -> go.Figure:
     """The premise H'/H = 1 - s: each estimator's signal ratio (`record_signal`) against 1 - s, with y = x."""
     fig = go.Figure()
-    fig.add_trace(
-        go.Scatter(
-            x=[0, 1], y=[0, 1], mode="lines", name="H'/H = 1 - s", line=dict(color="black", dash="dash")
-        )
-    )
     for est in estimators:
         pts = [
             (1.0 - rec["effective_sparsity"], signal.ratio)
@@ -236,12 +254,28 @@ def entropy_ratio_figure(records: Sequence[dict[str, Any]], estimators: Sequence
             fig.add_trace(
                 go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers+lines", name=est)
             )
+    lo, hi = data_range([v for trace in fig.data for v in (*trace.x, *trace.y)])
+    fig.add_trace(
+        go.Scatter(
+            x=[lo, hi], y=[lo, hi], mode="lines", name="H'/H = 1 - s", line=dict(color="black", dash="dash")
+        )
+    )
     fig.update_layout(
         title="Entropy ratio vs 1 - s (mean over the layers where it reads as a fraction kept)",
-        xaxis_title="1 - s",
-        yaxis_title="mean H'/H",
+        xaxis=dict(title="1 - s", range=[lo, hi]),
+        yaxis=dict(title="mean H'/H", range=[lo, hi]),
     )
     return fig
+
+
+def data_range(values: Sequence[float], margin: float = 0.05) -> tuple[float, float]:
+    """The span of `values` widened by `margin` of it on each side (0.02 at least), for an axis that fits
+    its data; (0, 1) when there are none."""
+    if not values:
+        return 0.0, 1.0
+    lo, hi = min(values), max(values)
+    pad = max(margin * (hi - lo), 0.02)
+    return lo - pad, hi + pad
 
 
 def prediction_figure(results: dict[str, Any], table: FitTable | None) -> go.Figure:

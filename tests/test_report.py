@@ -17,7 +17,13 @@ import pytest
 from analyses.laws import PAPER_TABLE3, fit_results
 from analyses.layer_plots import HEATMAP_COLUMNS, binned_log_shares, index_bins
 from analyses.report import REPORT_FILE, build_report
-from analyses.report_figures import figure_3b, kept_fraction
+from analyses.report_figures import (
+    entropy_figures,
+    entropy_ratio_figure,
+    figure_3b,
+    kept_fraction,
+    sorted_records,
+)
 from analyses.report_text import quick_note, summary
 from mechslice.cli import main
 from mechslice.errors import MechsliceError
@@ -492,3 +498,18 @@ def test_spectra_heat_map_bins_cover_every_index_once() -> None:
     assert z.dtype == np.float32 and z[0] == pytest.approx(expected, rel=1e-6)
     covered = np.array(edges[1:]) <= 100
     assert np.all(np.isfinite(z[1][covered])) and np.all(np.isnan(z[1][np.array(edges[:-1]) >= 100]))
+
+
+def test_dense_curve_is_labelled_once_and_the_ratio_axes_fit_the_data() -> None:
+    records = sorted_records(make_results())
+    curves, ratios = entropy_figures(records, "gaussian")
+    names = [t.name for t in curves.data]
+    assert names.count("dense (s = 0)") == 1 and not any("0.000" in n for n in names)
+    assert next(t for t in curves.data if t.name == "dense (s = 0)").line.color == "black"
+    assert "dense (s = 0)" in [t.name for t in ratios.data]
+    fig = entropy_ratio_figure(records, ["gaussian"])
+    values = [v for t in fig.data if t.mode == "markers+lines" for v in (*t.x, *t.y)]
+    assert min(values) > 0.45 and max(values) < 1.1  # the fixture's data: 1 - s from 0.5 to 1
+    for axis in (fig.layout.xaxis, fig.layout.yaxis):
+        lo, hi = axis.range
+        assert lo < min(values) and max(values) < hi and hi - lo < 1.2 * (max(values) - min(values)) + 0.05
