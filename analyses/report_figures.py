@@ -372,8 +372,8 @@ def _index_ticks(edges: Sequence[int]) -> tuple[list[str], list[str]]:
     """Tick positions (column names) and texts at the columns holding indices 1, 2, 5, 10, 20, 50, ..., d."""
     labels = bin_labels(edges)
     wanted = [k * 10**e for e in range(6) for k in (1, 2, 5)] + [edges[-1]]
-    columns = sorted({_column_of(edges, i) for i in wanted if i <= edges[-1]})
-    return [labels[j] for j in columns], [str(edges[j + 1]) for j in columns]
+    at = {_column_of(edges, i): i for i in reversed(wanted) if i <= edges[-1]}  # the first wanted per column
+    return [labels[j] for j in sorted(at)], [str(at[j]) for j in sorted(at)]
 
 
 def _spectrum_menu(
@@ -401,7 +401,7 @@ def spectra_figures(
     spectra: Sequence[tuple[dict[str, Any], list[dict[str, Any]]]],
 ) -> tuple[go.Figure, go.Figure]:
     """Kept share of eigenvalue mass per rotation (a curve per sparsity), and a heat map of every rotation's
-    normalised spectrum (rows in network order, log-binned eigenvalue index across) with a menu to pick the
+    normalised spectrum (a row each, as the spectra file lists them; log-binned eigenvalue index across) with a menu to pick the
     sparsity; the dotted line marks d'. A heat map, not a line per rotation: sixty lines on one axis cannot be
     told apart, and binning bounds the page's size whatever d is."""
     kept = go.Figure([_kept_trace(rec, rotations) for rec, rotations in spectra])
@@ -421,7 +421,7 @@ def spectra_figures(
         xaxis=dict(
             title="eigenvalue index (descending; log-spaced bins)", tickvals=tickvals, ticktext=ticktext
         ),
-        yaxis=dict(title="rotation (network order)", autorange="reversed"),
+        yaxis=dict(title="rotation", autorange="reversed"),
         shapes=[_d_prime_shape(edges, first["d_prime"])],
         updatemenus=[dict(buttons=menu, x=1.0, y=1.15, xanchor="right")] if len(menu) > 1 else [],
     )
