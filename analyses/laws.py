@@ -178,7 +178,8 @@ def _check_acc_key(acc_key: str) -> None:
 
 @dataclass(frozen=True)
 class LawPoints:
-    """The (s, y) points of one law on one dataset; `excluded` are sparsities whose y is undefined.
+    """The (s, y) points of one law on one dataset; `excluded` are sparsities whose y is undefined (why:
+    `undefined`).
 
     `exact` marks the dense point (y fixed by construction). For accuracy, `var` is each point's own
     sampling variance of ln acc and `shared_var` that of ln acc0, in every y but the dense one; both are 0
@@ -193,6 +194,24 @@ class LawPoints:
     shared_var: float = 0.0
     n_items: int | None = None  # items per evaluation (for a new point's sampling variance); None: unknown
     sampling: str = "none"  # "stderr" (recorded), "n" (from the item count) or "none"
+    undefined: str = (
+        ""  # the rule that dropped the `excluded` points, e.g. "acc = 0, where ln(acc / acc0) ..."
+    )
+
+    def dropped_note(self) -> str | None:
+        """Which sparsities the fit left out and why (with how many it kept), or None when it left out none."""
+        if not self.excluded:
+            return None
+        where = ", ".join(f"{s:.3f}" for s in self.excluded)
+        return f"s = {where} dropped ({self.undefined}); {self.kept_text()}"
+
+    def kept_text(self) -> str:
+        """ "k of n sparsities > 0 have a defined value" (n counts the dropped ones)."""
+        kept = len(np.unique(self.s[~self.exact]))
+        total = kept + len(self.excluded)
+        if total == 0:
+            return "no sparsity > 0 has a value"
+        return f"{kept} of {total} sparsit{'y' if total == 1 else 'ies'} > 0 ha{'s' if kept == 1 else 've'} a defined value"
 
 
 def _binomial_se(metrics: dict[str, Any], acc_key: str) -> float | None:
@@ -220,6 +239,13 @@ def _log_acc_var(metrics: dict[str, Any], acc_key: str) -> float | None:
     """Delta method: Var(ln acc) = SE^2 / acc^2 (None when no SE is known)."""
     se = _binomial_se(metrics, acc_key)
     return None if se is None else (se / metrics[acc_key]) ** 2
+
+
+def undefined_rule(dataset: str, acc_key: str = "acc") -> str:
+    """When a point of `dataset`'s law has no y: the log it takes is of a value it cannot take."""
+    if dataset == PPL:
+        return "PPL <= 1, where ln PPL0 / ln PPL is undefined"
+    return f"{acc_key} = 0, where ln({acc_key} / {acc_key}0) is undefined"
 
 
 def law_points(results: dict[str, Any], dataset: str, acc_key: str = "acc") -> LawPoints:
@@ -264,7 +290,12 @@ def law_points(results: dict[str, Any], dataset: str, acc_key: str = "acc") -> L
         used.append(rec)
     exact = np.array([rec is dense for rec in used])
     points = LawPoints(
-        np.asarray(s, dtype=np.float64), np.asarray(y, dtype=np.float64), excluded, exact, np.zeros(len(used))
+        np.asarray(s, dtype=np.float64),
+        np.asarray(y, dtype=np.float64),
+        excluded,
+        exact,
+        np.zeros(len(used)),
+        undefined=undefined_rule(dataset, acc_key),
     )
     if dataset == PPL:
         return points
@@ -312,13 +343,15 @@ class FitRow:
             "literal_rmse": self.literal_rmse,
             "points": [[float(s), float(y)] for s, y in zip(self.points.s, self.points.y, strict=True)],
             "excluded_sparsities": self.points.excluded,
+            "dropped": self.points.dropped_note(),
             "paper": {name: vars(p) for name, p in self.paper.items()},
         }
 
 
 @dataclass(frozen=True)
 class FitTable:
-    """All law fits of one sweep: a row per dataset, the dense values, and what could not be fitted (why)."""
+    """All law fits of one sweep: a row per dataset, the dense values, and what could not be fitted (`skipped`:
+    dataset -> "cannot be fitted: why")."""
 
     model: str
     model_fingerprint: str | None
@@ -359,44 +392,85 @@ def _datasets(results: dict[str, Any]) -> list[str]:
     return [PPL, *paper_order, *sorted(tasks - set(paper_order))]
 
 
+def _too_few(points: LawPoints) -> str | None:
+    """Why `points` hold too few sparsities > 0 for a fit with a residual degree of freedom, else None.
+
+    The dense point is exact, so with one sparsity beside it even the line through it has no residual
+    degree of freedom: its slope would be a number without an error bar, so it is not offered as a fit.
+    """
+    if len(np.unique(points.s[~points.exact])) >= 2:
+        return None
+    return (
+        f"{points.dropped_note() or points.kept_text()}; a law needs two beside the dense model to leave a "
+        "residual degree of freedom"
+    )
+
+
+def _zero_width(fit: LineFit) -> bool:
+    """True when the interval on a has zero width: the points lie on the line and none has sampling error."""
+    return fit.a_ci is not None and fit.a_ci[0] == fit.a_ci[1]
+
+
+ZERO_WIDTH = (
+    "every point lies exactly on the line and none carries a sampling error, so the interval on a would have "
+    "zero width (claiming a certainty the data cannot give)"
+)
+
+
+def _fit_row(results: dict[str, Any], dataset: str, acc_key: str) -> FitRow:
+    """The law fitted on one dataset; MechsliceError (the reason) when it cannot be fitted."""
+    points = law_points(results, dataset, acc_key)
+    reason = _too_few(points)
+    if reason is not None:
+        raise MechsliceError(reason)
+    fit, anchored = (
+        fit_line(
+            points.s,
+            points.y,
+            exact=points.exact,
+            anchored=through,
+            sampling_var=points.var,
+            shared_var=points.shared_var,
+        )
+        for through in (False, True)
+    )
+    if _zero_width(fit) or _zero_width(anchored):
+        raise MechsliceError(ZERO_WIDTH)
+    literal = None
+    if dataset == PPL:
+        literal = float(np.sqrt(np.mean((points.y - (1.0 - points.s)) ** 2)))
+    metric = "perplexity" if dataset == PPL else "accuracy"
+    return FitRow(metric, dataset, fit, anchored, points, literal, PAPER_TABLE3.get(dataset, {}))
+
+
+def _nothing_fits(results: dict[str, Any], skipped: dict[str, str]) -> MechsliceError:
+    """The one error for a sweep where no law fits: the sweep's own shortfall if it has one, else each reason."""
+    sliced = sum(rec["effective_sparsity"] >= DENSE_TOLERANCE for rec in results["records"])
+    if sliced < 2:
+        return MechsliceError(
+            f"nothing to fit: fewer than two sparsities > 0 (the sweep has {sliced}), and a law needs two "
+            "beside the dense model; sweep at least two sparsities > 0"
+        )
+    reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+    return MechsliceError(f"nothing to fit: {reasons}")
+
+
 def fit_results(results: dict[str, Any], acc_key: str = "acc") -> FitTable:
     """Fit Prop. 2 on perplexity and Prop. 3 on every task's `acc_key` accuracy against effective sparsity.
 
-    A dataset with under two sparsities (dense included) is listed in `skipped`; MechsliceError if none fits.
+    A dataset that cannot be fitted is listed in `skipped` with the reason ("cannot be fitted: ..."): under
+    two sparsities > 0 with a defined value, or a zero-width interval; MechsliceError if none fits.
     """
     _check_acc_key(acc_key)
     validate_results(results)
     rows, skipped = [], {}
     for dataset in _datasets(results):
-        metric = "perplexity" if dataset == PPL else "accuracy"
         try:
-            points = law_points(results, dataset, acc_key)
-            if len(np.unique(points.s)) < 2:
-                raise MechsliceError("only one sparsity has a value; a line needs two")
+            rows.append(_fit_row(results, dataset, acc_key))
         except MechsliceError as err:
-            skipped[dataset] = str(err)
-            continue
-        fit, anchored = (
-            fit_line(
-                points.s,
-                points.y,
-                exact=points.exact,
-                anchored=through,
-                sampling_var=points.var,
-                shared_var=points.shared_var,
-            )
-            for through in (False, True)
-        )
-        literal = None
-        if dataset == PPL:
-            literal = float(np.sqrt(np.mean((points.y - (1.0 - points.s)) ** 2)))
-        rows.append(FitRow(metric, dataset, fit, anchored, points, literal, PAPER_TABLE3.get(dataset, {})))
+            skipped[dataset] = f"cannot be fitted: {err}"
     if not rows:
-        reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items())
-        raise MechsliceError(
-            f"nothing to fit: fewer than two sparsities with a metric ({reasons}); "
-            "sweep at least one sparsity > 0"
-        )
+        raise _nothing_fits(results, skipped)
     dense = dense_record(results)
     acc0s = {t: float(m[acc_key]) for t, m in dense.get("tasks", {}).items() if m.get(acc_key) is not None}
     return FitTable(
@@ -435,11 +509,14 @@ def csv_columns() -> list[str]:
     a .. n_points: the paper's unconstrained fit (dense point included); `dof` its residual degrees of
     freedom (sparsities > 0 minus 2: the exact dense point earns none), `sigma` the law's scatter beyond
     sampling error, `sampling_error` where the accuracy standard errors came from ("stderr", "n" or "none");
-    `anchored_*` the one-parameter fit through the dense point (its b is 1 for perplexity, 0 for accuracy).
+    `anchored_*` the one-parameter fit through the dense point (its b is 1 for perplexity, 0 for accuracy);
+    `n_dropped` and `dropped` the sparsities left out because the law is undefined there (e.g. acc = 0);
+    a dataset that cannot be fitted has a row of its own with only its name and `not_fitted` (why).
     """
     ours = ["metric", "dataset", "paper_dataset", "acc_key", "a", "b", "rmse", "r2", "a_ci_low", "a_ci_high"]
     ours += ["b_ci_low", "b_ci_high", "loo_rmse", "loo_max_abs", "n_points", "dense_point_included"]
     ours += ["dof", "sigma", "sampling_error", *(f"anchored_{k}" for k in ANCHORED_CSV)]
+    ours += ["n_dropped", "dropped", "not_fitted"]
     return ours + [f"paper_{slug}_{k}" for slug in PAPER_MODELS.values() for k in ("a", "b", "rmse")]
 
 
@@ -456,13 +533,20 @@ def _fit_cells(f: LineFit) -> dict[str, object]:
     }
 
 
+def _name_cells(dataset: str, acc_key: str) -> dict[str, object]:
+    """The cells naming a fits.csv row: metric, dataset, the paper's name for it, accuracy key."""
+    return {
+        "metric": "perplexity" if dataset == PPL else "accuracy",
+        "dataset": dataset,
+        "paper_dataset": PAPER_DATASETS.get(dataset, ""),
+        "acc_key": "" if dataset == PPL else acc_key,
+    }
+
+
 def _csv_row(row: FitRow, acc_key: str) -> dict[str, object]:
     f = row.fit
     out: dict[str, object] = {
-        "metric": row.metric,
-        "dataset": row.dataset,
-        "paper_dataset": PAPER_DATASETS.get(row.dataset, ""),
-        "acc_key": acc_key if row.metric == "accuracy" else "",
+        **_name_cells(row.dataset, acc_key),
         **_fit_cells(f),
         "b": f.b,
         "r2": f.r2,
@@ -473,6 +557,8 @@ def _csv_row(row: FitRow, acc_key: str) -> dict[str, object]:
         "dense_point_included": "yes",
         "sampling_error": row.points.sampling,
         **{f"anchored_{k}": v for k, v in _fit_cells(row.anchored).items()},
+        "n_dropped": len(row.points.excluded),
+        "dropped": row.points.dropped_note(),
     }
     for name, slug in PAPER_MODELS.items():
         paper = row.paper.get(name)
@@ -489,6 +575,7 @@ def write_fits(table: FitTable, directory: str | Path) -> tuple[Path, Path]:
     writer = csv.DictWriter(buf, fieldnames=csv_columns(), lineterminator="\n")
     writer.writeheader()
     writer.writerows(_csv_row(r, table.acc_key) for r in table.rows)
+    writer.writerows({**_name_cells(k, table.acc_key), "not_fitted": why} for k, why in table.skipped.items())
 
     def write() -> None:
         _atomic_write(json_path, json.dumps(table.to_dict(), indent=2, allow_nan=False) + "\n")
@@ -568,7 +655,8 @@ def predict(fits: FitTable, sparsity: float, ppl0: float | None, acc0s: dict[str
     interval of y is mapped back through the law: PPL = exp(ln PPL0 / y) (an upper bound is None when the
     interval reaches y <= 0: unbounded), acc = acc0 * exp(y) capped at 1; an accuracy interval holds a new
     model's accuracy measured on as many items as the sweep's (its binomial error included). `extrapolated`
-    flags an s outside the fitted range. The paper's literal law PPL = exp(ln PPL0 / (1 - s)) is given too.
+    flags an s outside the fitted range, `dropped` the sparsities the fit left out (None: none). The paper's
+    literal law PPL = exp(ln PPL0 / (1 - s)) is given too; a law that cannot be fitted is in `fits.skipped`.
     """
     s = check_sparsity(sparsity)
     out: dict[str, Any] = {"sparsity": s, "acc_key": fits.acc_key, "level": None, "ppl": None, "tasks": {}}
@@ -580,6 +668,7 @@ def predict(fits: FitTable, sparsity: float, ppl0: float | None, acc0s: dict[str
         entry = _law_prediction(row, row.fit, s, base)
         entry["extrapolated"] = not row.fit.s_min <= s <= row.fit.s_max
         entry["anchored"] = _law_prediction(row, row.anchored, s, base)
+        entry["dropped"] = row.points.dropped_note()
         if row.dataset == PPL:
             entry["paper_law"] = ppl_from_y(base, 1.0 - s)
             out["ppl"] = entry

@@ -1,11 +1,18 @@
 """The per-layer figures drawn in two places (the `entropy` command's page and the sweep report), from plain
-data: one line per label over the layers, or one eigenvalue spectrum per label."""
+data: one line per label over the layers, one eigenvalue spectrum per label, or spectra as a heat map."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import plotly.graph_objects as go
+from jaxtyping import Float
+
+# Columns of a spectra heat map: enough for the eye, and a bound that keeps the page's size independent of d.
+HEATMAP_COLUMNS = 160
+SHARE_FLOOR = 1e-12  # shares below this (zero eigenvalues) are drawn at it: log10 of 0 has no colour
 
 
 def layer_curves(
@@ -66,3 +73,43 @@ def spectrum_lines(
         )
         for (label, values), shade in zip(spectra.items(), shades, strict=True)
     ]
+
+
+def index_bins(d: int, columns: int = HEATMAP_COLUMNS) -> list[int]:
+    """0-based edges of at most `columns` bins over eigenvalue indices 0..d-1: one index per bin at the top
+    of the spectrum, log-spaced groups further down (where a spectrum is smooth)."""
+    return sorted({int(e) - 1 for e in np.round(np.geomspace(1, d + 1, columns + 1))})
+
+
+def bin_labels(edges: Sequence[int]) -> list[str]:
+    """Each bin's 1-based index range as the heat map's column name: "7" or "300–311"."""
+    return [str(lo + 1) if hi == lo + 1 else f"{lo + 1}–{hi}" for lo, hi in itertools.pairwise(edges)]
+
+
+def binned_log_shares(
+    shares: Sequence[Sequence[float]], edges: Sequence[int]
+) -> Float[np.ndarray, "spectra columns"]:
+    """log10 of each bin's mean share per spectrum, in float32 (a picture, not a data set: 4 bytes a cell in
+    the page); NaN where a spectrum is shorter than the bin."""
+    padded = np.full((len(shares), edges[-1]), np.nan, dtype=np.float64)
+    for i, row in enumerate(shares):
+        padded[i, : len(row)] = np.asarray(row, dtype=np.float64)[: edges[-1]]
+    means = np.add.reduceat(padded, edges[:-1], axis=1) / np.diff(edges)
+    return np.log10(np.maximum(means, SHARE_FLOOR)).astype(np.float32)
+
+
+def spectra_heatmap(
+    names: Sequence[str], shares: Sequence[Sequence[float]], edges: Sequence[int], zrange: tuple[float, float]
+) -> go.Heatmap:
+    """One row per spectrum (`names`, top to bottom), one column per index bin, coloured by log10 share on a
+    common `zrange` so that several heat maps compare."""
+    return go.Heatmap(
+        z=binned_log_shares(shares, edges),
+        x=bin_labels(edges),
+        y=list(names),
+        zmin=zrange[0],
+        zmax=zrange[1],
+        colorscale="Viridis",
+        colorbar=dict(title="log10 λ_i / Σλ"),
+        hovertemplate="%{y}<br>index %{x}<br>log10 λ_i/Σλ = %{z:.2f}<extra></extra>",
+    )

@@ -46,6 +46,7 @@ from analyses.report_text import (
     PAPER_SHORT,
     STDERR_KEYS,
     ci_text,
+    dataset_label,
     fmt,
     quick_note,
     sparsity_count,
@@ -113,11 +114,13 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) ->
     return f"<table><tr>{cells('th', head)}</tr>{body}</table>"
 
 
-def table3_html(table: FitTable) -> str:
+def table3_html(table: FitTable, settings: dict[str, Any]) -> str:
     """The Table 3 analogue: our a, b (95% CIs), RMSE, R², LOO error beside the paper's two models.
 
     a, b are the paper's unconstrained fit (what Table 3 compares); beside it the fit through the exact
-    dense point (a only) with its interval and RMSE, and each fit's residual degrees of freedom.
+    dense point (a only) with its interval and RMSE, and each fit's residual degrees of freedom. The dataset
+    column names what we measured (`settings`' perplexity corpus); below the table, the points each fit
+    dropped and the laws that could not be fitted, with the reason.
     """
     head = [
         "law",
@@ -141,18 +144,33 @@ def table3_html(table: FitTable) -> str:
     for r in table.rows:
         f, g = r.fit, r.anchored
         law = "ln PPL0/ln PPL" if r.metric == "perplexity" else f"ln(acc/acc0), {table.acc_key}"
-        cells = [law, _esc(task_label(r.dataset)), str(f.n), str(f.dof), f"{f.a:+.3f}", ci_text(f.a_ci)]
+        cells = [law, _esc(dataset_label(r.dataset, settings)), str(f.n), str(f.dof), f"{f.a:+.3f}"]
+        cells.append(ci_text(f.a_ci))
         cells += [f"{f.b:+.3f}", ci_text(f.b_ci), f"{f.rmse:.3f}", fmt(f.r2), fmt(f.loo_rmse)]
         cells += [fmt(f.loo_max_abs), f"{g.a:+.3f}", ci_text(g.a_ci), f"{g.rmse:.3f}"]
         for model in PAPER_SHORT:
             p = r.paper.get(model)
             cells.append("–" if p is None else f"{p.a:+.2f}, {p.b:+.2f}, {p.rmse:.2f}")
         rows.append(cells)
-    out = _table(head, rows, left=2)
+    out = _table(head, rows, left=2) + _fit_notes(table, settings)
     ppl_rows = [r for r in table.rows if r.literal_rmse is not None]
     if ppl_rows:
         out += f"<p>The paper's literal line y = 1 - s on our perplexity points: RMSE {ppl_rows[0].literal_rmse:.3f}.</p>"
-    return out + _note(DENSE_NOTE)
+    paper_ppl = PAPER_DATASETS[PPL]
+    return out + _note(
+        f"{DENSE_NOTE}; the paper's perplexity fits are on {paper_ppl}, ours on the corpus named."
+    )
+
+
+def _fit_notes(table: FitTable, settings: dict[str, Any]) -> str:
+    """A list of the points each fit dropped and of the laws that could not be fitted, each with why."""
+    items = [
+        f"{dataset_label(r.dataset, settings)}: {note}"
+        for r in table.rows
+        if (note := r.points.dropped_note()) is not None
+    ]
+    items += [f"{dataset_label(name, settings)}: {why}" for name, why in table.skipped.items()]
+    return "<ul>" + "".join(f"<li>{_esc(item)}</li>" for item in items) + "</ul>" if items else ""
 
 
 # ---------------------------------------------------------------- inside the network
@@ -406,27 +424,29 @@ def raw_table_html(results: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- assembling the page
 
 
-def _law_sections(
-    results: dict[str, Any], table: FitTable | None, fit_error: str | None, render: FigureRenderer
-) -> list[Section]:
+def _law_sections(results: dict[str, Any], table: FitTable | None, render: FigureRenderer) -> list[Section]:
+    """Figs. 3a, 3b and Table 3; none when no law could be fitted (the summary says why, once)."""
     if table is None:
-        missing = _note(f"No law could be fitted: {fit_error}")
-        titles = {"fig3a": "Fig. 3a analogue", "fig3b": "Fig. 3b analogue", "table3": "Table 3 analogue"}
-        return [Section(anchor, title, missing) for anchor, title in titles.items()]
+        return []
     fitted = {r.dataset for r in table.rows}
     fig3a = (
         render(figure_3a(table))
         if PPL in fitted
-        else _note(f"Perplexity law not fitted: {table.skipped.get(PPL, 'no perplexity recorded')}")
+        else _note("Not drawn: the perplexity law could not be fitted (Table 3 says why).")
     )
     has_acc = any(r.metric == "accuracy" for r in table.rows)
     fig3b = (
-        render(figure_3b(results, table)) if has_acc else _note("No multiple-choice task could be fitted.")
+        render(figure_3b(results, table))
+        if has_acc
+        else _note("Not drawn: no task's accuracy law could be fitted (Table 3 says why).")
     )
+    settings = results.get("settings") or {}
     return [
         Section("fig3a", "Fig. 3a analogue: perplexity law (Prop. 2)", fig3a),
         Section("fig3b", "Fig. 3b analogue: accuracy law (Prop. 3)", fig3b),
-        Section("table3", "Table 3 analogue: fitted coefficients beside the paper's", table3_html(table)),
+        Section(
+            "table3", "Table 3 analogue: fitted coefficients beside the paper's", table3_html(table, settings)
+        ),
     ]
 
 
@@ -437,7 +457,7 @@ def render_report(results: dict[str, Any], directory: Path, acc_key: str = "acc"
     except MechsliceError as err:
         table, fit_error = None, str(err)
     render = FigureRenderer()
-    sections = _law_sections(results, table, fit_error, render)
+    sections = _law_sections(results, table, render)
     sections += [
         Section("predict", "Predicting ln PPL from internals", prediction_section(results, table, render)),
         Section("entropy", "Residual-stream entropy per layer", entropy_section(results, render)),

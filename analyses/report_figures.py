@@ -12,12 +12,20 @@ from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.colors import sample_colorscale
+from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
 from analyses.fits import LineFit
-from analyses.laws import PAPER_TABLE3, PPL, FitTable, dense_record, entropy_predictions, record_signal
-from analyses.layer_plots import layer_curves, spectrum_lines
+from analyses.laws import (
+    DENSE_TOLERANCE,
+    PAPER_TABLE3,
+    PPL,
+    FitTable,
+    dense_record,
+    entropy_predictions,
+    record_signal,
+)
+from analyses.layer_plots import bin_labels, binned_log_shares, index_bins, layer_curves, spectra_heatmap
 from analyses.report_text import PAPER_SHORT, STDERR_KEYS, task_label
 
 SHIFT_PANELS = (
@@ -26,8 +34,11 @@ SHIFT_PANELS = (
     ("top1_agreement", "top-1 agreement"),
 )
 
+# One distinct hue per task (a qualitative palette: a sequential one makes tasks look like an ordered series).
+TASK_COLORS = qualitative.D3
+X_SPREAD = 0.012  # neighbouring tasks' points: this share of the s range apart, ~12 px, past a 4 px bar cap
+DENSE_COLOR = "black"
 S_COLOR_MAX = 0.6  # sparsities from here on share the lightest colour
-SIG_DIGITS = 4  # eigenvalues are rounded to this many significant digits in the page (a plot, not a dataset)
 
 
 def sorted_records(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -35,14 +46,21 @@ def sorted_records(results: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(results["records"], key=lambda r: r["effective_sparsity"])
 
 
+def _is_dense(rec: dict[str, Any]) -> bool:
+    return rec["effective_sparsity"] < DENSE_TOLERANCE
+
+
 def sparsity_color(rec: dict[str, Any]) -> str:
-    """A colour fixed by the effective sparsity (dark for dense, light by S_COLOR_MAX), the same in every figure."""
+    """A colour fixed by the effective sparsity (black for dense, then dark to light by S_COLOR_MAX), the same
+    in every figure."""
+    if _is_dense(rec):
+        return DENSE_COLOR
     return sample_colorscale("Viridis", [0.9 * min(rec["effective_sparsity"] / S_COLOR_MAX, 1.0)])[0]
 
 
 def s_label(rec: dict[str, Any]) -> str:
-    """A record's legend name, its effective sparsity."""
-    return f"s={rec['effective_sparsity']:.3f}"
+    """A record's legend name: its effective sparsity, or "dense (s = 0)"."""
+    return "dense (s = 0)" if _is_dense(rec) else f"s = {rec['effective_sparsity']:.3f}"
 
 
 def _line_xs(fit: LineFit) -> np.ndarray:
@@ -50,15 +68,20 @@ def _line_xs(fit: LineFit) -> np.ndarray:
     return np.array([0.0, max(fit.s_max, 0.05)])
 
 
-def _paper_line_traces(fit: LineFit, dataset: str) -> list[go.Scatter]:
+def _paper_line_traces(
+    fit: LineFit, dataset: str, color: str | None = None, group: str = ""
+) -> list[go.Scatter]:
+    """Table 3's line of each paper model for `dataset` over our fitted range (Llama-3 dashed, Phi-3 dash-dot);
+    with `group`, in `color` and in that legend group, its name prefixed by it."""
     xs = _line_xs(fit)
     return [
         go.Scatter(
             x=xs,
             y=p.a * xs + p.b,
             mode="lines",
-            name=f"Table 3 {PAPER_SHORT[m]} ({p.a:+.2f}s {p.b:+.2f})",
-            line=dict(dash="dash" if i == 0 else "dashdot", width=1.5),
+            name=f"{group + ': ' if group else ''}Table 3 {PAPER_SHORT[m]} ({p.a:+.2f}s {p.b:+.2f})",
+            line=dict(dash="dash" if i == 0 else "dashdot", width=1.5, color=color),
+            legendgroup=group or None,
         )
         for i, (m, p) in enumerate(PAPER_TABLE3.get(dataset, {}).items())
     ]
@@ -116,32 +139,48 @@ def accuracy_points(
     return s, y, err
 
 
+def _offsets(n: int, fits: Sequence[LineFit]) -> list[float]:
+    """x shifts that spread n tasks' points around each sparsity so their error bars do not overlap."""
+    step = X_SPREAD * max([f.s_max for f in fits] + [0.05])
+    return [(i - (n - 1) / 2) * step for i in range(n)]
+
+
 def figure_3b(results: dict[str, Any], table: FitTable) -> go.Figure:
-    """Fig. 3b analogue: ln(acc/acc0) per task against effective sparsity, with error bars and fitted lines."""
+    """Fig. 3b analogue: ln(acc/acc0) per task against effective sparsity, with error bars, our fitted line
+    and Table 3's lines, one qualitative colour per task; points are shifted a little along s (hover: the
+    true s) so that the tasks' error bars stay apart."""
     fig = go.Figure()
-    palette = sample_colorscale("Plotly3", [0.1 + 0.8 * i / 5 for i in range(6)])
-    for i, row in enumerate(r for r in table.rows if r.metric == "accuracy"):
-        color = palette[i % len(palette)]
+    rows = [r for r in table.rows if r.metric == "accuracy"]
+    for i, (row, shift) in enumerate(zip(rows, _offsets(len(rows), [r.fit for r in rows]), strict=True)):
+        color = TASK_COLORS[i % len(TASK_COLORS)]
         s, y, err = accuracy_points(results, row.dataset, table.acc_key)
-        bars = [0.0 if e is None else e for e in err]
         label = task_label(row.dataset)
         fig.add_trace(
             go.Scatter(
-                x=s,
+                x=[v + shift for v in s],
                 y=y,
+                customdata=s,
+                hovertemplate=f"{label}<br>s = %{{customdata:.3f}}<br>ln(acc/acc0) = %{{y:.3f}}<extra></extra>",
                 mode="markers",
                 name=label,
                 marker=dict(color=color, size=8),
-                error_y=dict(type="data", array=bars, visible=any(e is not None for e in err)),
+                error_y=dict(
+                    type="data",
+                    array=[0.0 if e is None else e for e in err],
+                    visible=any(e is not None for e in err),
+                ),
                 legendgroup=label,
             )
         )
         fit_line = _fit_trace(row.fit, label, color)
         fit_line.legendgroup = label
         fig.add_trace(fit_line)
+        for trace in _paper_line_traces(row.fit, row.dataset, color, label):
+            fig.add_trace(trace)
     fig.update_layout(
-        title=f"Fig. 3b analogue: ln(acc/acc0) vs effective sparsity ({table.acc_key}; bars ±1 se)",
-        xaxis_title="effective sparsity s = 1 - d'/d",
+        title=f"Fig. 3b analogue: ln(acc/acc0) vs effective sparsity ({table.acc_key}; bars ±1 se; "
+        "solid: our fit, dashed: Table 3 Llama-3, dash-dot: Phi-3)",
+        xaxis_title="effective sparsity s = 1 - d'/d (points spread slightly per task)",
         yaxis_title="ln(acc / acc0)",
     )
     return fig
@@ -158,10 +197,17 @@ def entropy_figures(records: Sequence[dict[str, Any]], estimator: str) -> tuple[
     dense = next(
         (st["per_layer_dense"] for st in entropy_stats(records, estimator) if st.get("per_layer_dense")), None
     )
-    if dense:
+    dense_drawn = any(
+        _is_dense(r) and ((r.get("entropy") or {}).get(estimator) or {}).get("per_layer") for r in records
+    )
+    if dense and not dense_drawn:  # the dense record's own curve, when it has one, is the same line
         curves.add_trace(
             go.Scatter(
-                x=list(range(len(dense))), y=dense, mode="lines", name="dense", line=dict(color="black")
+                x=list(range(len(dense))),
+                y=dense,
+                mode="lines",
+                name="dense (s = 0)",
+                line=dict(color=DENSE_COLOR),
             )
         )
     ratio_curves, colors, levels = {}, {}, {}
@@ -196,11 +242,6 @@ def entropy_figures(records: Sequence[dict[str, Any]], estimator: str) -> tuple[
 def entropy_ratio_figure(records: Sequence[dict[str, Any]], estimators: Sequence[str]) -> go.Figure:
     """The premise H'/H = 1 - s: each estimator's signal ratio (`record_signal`) against 1 - s, with y = x."""
     fig = go.Figure()
-    fig.add_trace(
-        go.Scatter(
-            x=[0, 1], y=[0, 1], mode="lines", name="H'/H = 1 - s", line=dict(color="black", dash="dash")
-        )
-    )
     for est in estimators:
         pts = [
             (1.0 - rec["effective_sparsity"], signal.ratio)
@@ -213,12 +254,28 @@ def entropy_ratio_figure(records: Sequence[dict[str, Any]], estimators: Sequence
             fig.add_trace(
                 go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers+lines", name=est)
             )
+    lo, hi = data_range([v for trace in fig.data for v in (*trace.x, *trace.y)])
+    fig.add_trace(
+        go.Scatter(
+            x=[lo, hi], y=[lo, hi], mode="lines", name="H'/H = 1 - s", line=dict(color="black", dash="dash")
+        )
+    )
     fig.update_layout(
         title="Entropy ratio vs 1 - s (mean over the layers where it reads as a fraction kept)",
-        xaxis_title="1 - s",
-        yaxis_title="mean H'/H",
+        xaxis=dict(title="1 - s", range=[lo, hi]),
+        yaxis=dict(title="mean H'/H", range=[lo, hi]),
     )
     return fig
+
+
+def data_range(values: Sequence[float], margin: float = 0.05) -> tuple[float, float]:
+    """The span of `values` widened by `margin` of it on each side (0.02 at least), for an axis that fits
+    its data; (0, 1) when there are none."""
+    if not values:
+        return 0.0, 1.0
+    lo, hi = min(values), max(values)
+    pad = max(margin * (hi - lo), 0.02)
+    return lo - pad, hi + pad
 
 
 def prediction_figure(results: dict[str, Any], table: FitTable | None) -> go.Figure:
@@ -270,10 +327,6 @@ def prediction_figure(results: dict[str, Any], table: FitTable | None) -> go.Fig
     return fig
 
 
-def _round(values: np.ndarray) -> list[float]:
-    return [float(f"{v:.{SIG_DIGITS}g}") for v in values]
-
-
 def descending(eigenvalues: Sequence[float]) -> np.ndarray:
     """Eigenvalues sorted descending, in float64, with negatives (round-off of a PSD matrix) set to 0."""
     return np.sort(np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None))[::-1]
@@ -286,58 +339,90 @@ def kept_fraction(eigenvalues: Sequence[float], d_prime: int) -> float:
     return float(lam[:d_prime].sum() / total) if total > 0 else math.nan
 
 
+def _shares(eigenvalues: Sequence[float]) -> np.ndarray:
+    """Eigenvalues as descending shares λ_i / Σλ (all zero when the spectrum is)."""
+    lam = descending(eigenvalues)
+    return lam / lam.sum() if lam.sum() > 0 else lam
+
+
+def _kept_trace(rec: dict[str, Any], rotations: list[dict[str, Any]]) -> go.Scatter:
+    return go.Scatter(
+        x=[r["name"] for r in rotations],
+        y=[kept_fraction(r["eigenvalues"], rec["d_prime"]) for r in rotations],
+        mode="lines+markers",
+        name=f"{s_label(rec)}, d'={rec['d_prime']}",
+        line=dict(color=sparsity_color(rec)),
+    )
+
+
+def _column_of(edges: Sequence[int], index: int) -> int:
+    """The heat-map column holding 1-based eigenvalue index `index`."""
+    return next(j for j, hi in enumerate(edges[1:]) if index <= hi)
+
+
+def _d_prime_shape(edges: Sequence[int], d_prime: int) -> dict[str, Any]:
+    """The dotted line after the column holding index d' (columns sit at 0, 1, ... on the category axis)."""
+    x = _column_of(edges, d_prime) + 0.5
+    return dict(
+        type="line", x0=x, x1=x, y0=0, y1=1, yref="paper", line=dict(dash="dot", color="white", width=2)
+    )
+
+
+def _index_ticks(edges: Sequence[int]) -> tuple[list[str], list[str]]:
+    """Tick positions (column names) and texts at the columns holding indices 1, 2, 5, 10, 20, 50, ..., d."""
+    labels = bin_labels(edges)
+    wanted = [k * 10**e for e in range(6) for k in (1, 2, 5)] + [edges[-1]]
+    at = {_column_of(edges, i): i for i in reversed(wanted) if i <= edges[-1]}  # the first wanted per column
+    return [labels[j] for j in sorted(at)], [str(at[j]) for j in sorted(at)]
+
+
+def _spectrum_menu(
+    spectra: Sequence[tuple[dict[str, Any], list[dict[str, Any]]]], edges: list[int]
+) -> list[dict[str, Any]]:
+    """One button per sparsity: show its heat map, move the d' line, retitle."""
+    return [
+        dict(
+            label=s_label(rec),
+            method="update",
+            args=[
+                {"visible": [j == i for j in range(len(spectra))]},
+                {"shapes": [_d_prime_shape(edges, rec["d_prime"])], "title.text": _spectra_title(rec)},
+            ],
+        )
+        for i, (rec, _) in enumerate(spectra)
+    ]
+
+
+def _spectra_title(rec: dict[str, Any]) -> str:
+    return f"Eigenvalue spectra per rotation ({s_label(rec)}, d'={rec['d_prime']}; dotted: d')"
+
+
 def spectra_figures(
     spectra: Sequence[tuple[dict[str, Any], list[dict[str, Any]]]],
 ) -> tuple[go.Figure, go.Figure]:
-    """Kept share of eigenvalue mass per rotation (a curve per sparsity), and the full normalised spectra of
-    every rotation with a menu to pick the sparsity; the dotted line marks d'."""
-    kept = go.Figure()
+    """Kept share of eigenvalue mass per rotation (a curve per sparsity), and a heat map of every rotation's
+    normalised spectrum (a row each, as the spectra file lists them; log-binned eigenvalue index across) with a menu to pick the
+    sparsity; the dotted line marks d'. A heat map, not a line per rotation: sixty lines on one axis cannot be
+    told apart, and binning bounds the page's size whatever d is."""
+    kept = go.Figure([_kept_trace(rec, rotations) for rec, rotations in spectra])
+    edges = index_bins(max(len(r["eigenvalues"]) for _, rotations in spectra for r in rotations))
+    shares = [[_shares(r["eigenvalues"]) for r in rotations] for _, rotations in spectra]
+    logs = np.concatenate([binned_log_shares(s, edges).ravel() for s in shares])
+    zrange = (float(np.nanmin(logs)), float(np.nanmax(logs)))  # one colour scale for every sparsity
     full = go.Figure()
-    buttons, visible_sets = [], []
-    for rec, rotations in spectra:
-        label = s_label(rec)
-        kept.add_trace(
-            go.Scatter(
-                x=[r["name"] for r in rotations],
-                y=[kept_fraction(r["eigenvalues"], rec["d_prime"]) for r in rotations],
-                mode="lines+markers",
-                name=f"{label}, d'={rec['d_prime']}",
-                line=dict(color=sparsity_color(rec)),
-            )
-        )
-        start = len(full.data)
-        shades = sample_colorscale(
-            "Viridis", [0.9 * i / max(len(rotations) - 1, 1) for i in range(len(rotations))]
-        )
-        shares = {}
-        for r in rotations:
-            lam = descending(r["eigenvalues"])
-            shares[r["name"]] = _round(lam / lam.sum() if lam.sum() > 0 else lam)
-        for trace in spectrum_lines(shares, shades):
-            trace.visible = not buttons
-            full.add_trace(trace)
-        visible_sets.append((start, len(full.data), rec["d_prime"]))
-        buttons.append(label)
-    n = len(full.data)
-    menu = [
-        dict(
-            label=label,
-            method="update",
-            args=[
-                {"visible": [lo <= i < hi for i in range(n)]},
-                {
-                    "shapes": [_d_prime_line(d_prime)],
-                    "title.text": f"Eigenvalue spectra per rotation ({label})",
-                },
-            ],
-        )
-        for label, (lo, hi, d_prime) in zip(buttons, visible_sets, strict=True)
-    ]
+    for i, ((_, rotations), rows) in enumerate(zip(spectra, shares, strict=True)):
+        full.add_trace(spectra_heatmap([r["name"] for r in rotations], rows, edges, zrange))
+        full.data[-1].visible = i == 0
+    menu = _spectrum_menu(spectra, edges)
+    tickvals, ticktext = _index_ticks(edges)
+    first = spectra[0][0]
     full.update_layout(
-        title=f"Eigenvalue spectra per rotation ({buttons[0]})",
-        xaxis_title="eigenvalue index (descending)",
-        yaxis=dict(title="λ_i / Σλ", type="log"),
-        shapes=[_d_prime_line(visible_sets[0][2])],
+        title=_spectra_title(first),
+        xaxis=dict(
+            title="eigenvalue index (descending; log-spaced bins)", tickvals=tickvals, ticktext=ticktext
+        ),
+        yaxis=dict(title="rotation", autorange="reversed"),
+        shapes=[_d_prime_shape(edges, first["d_prime"])],
         updatemenus=[dict(buttons=menu, x=1.0, y=1.15, xanchor="right")] if len(menu) > 1 else [],
     )
     kept.update_layout(
@@ -346,12 +431,6 @@ def spectra_figures(
         yaxis_title="Σ_{i≤d'} λ_i / Σ λ",
     )
     return kept, full
-
-
-def _d_prime_line(d_prime: int) -> dict[str, Any]:
-    return dict(
-        type="line", x0=d_prime, x1=d_prime, y0=0, y1=1, yref="paper", line=dict(dash="dot", color="grey")
-    )
 
 
 def shift_overall(rec: dict[str, Any]) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ entropy prediction, and the quick-profile warning; with the number formats the r
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from analyses.laws import (
     PAPER_TABLE3,
     PPL,
     STDERR_KEYS,
+    FitRow,
     FitTable,
     dense_record,
     entropy_predictions,
@@ -49,6 +51,26 @@ def task_label(task: str) -> str:
     return PAPER_DATASETS.get(task, task)
 
 
+def corpus_label(settings: dict[str, Any]) -> str:
+    """The corpus the sweep measured perplexity on, from its `ppl_corpus` setting (not the paper's WikiText2)."""
+    spec = settings.get("ppl_corpus")
+    if not isinstance(spec, str):
+        return "corpus not recorded"
+    kind, _, arg = spec.partition(":")
+    if kind == "wiki" and not arg:
+        return "wiki (Wikipedia lead sections, not WikiText2)"
+    if kind == "wikitext2" and arg:
+        return f"WikiText2 ({Path(arg).name or arg})"
+    if kind == "text" and arg:
+        return f"text file {Path(arg).name}"
+    return spec
+
+
+def dataset_label(dataset: str, settings: dict[str, Any]) -> str:
+    """A fitted dataset's name in the report: the perplexity corpus actually used, or the task's name."""
+    return corpus_label(settings) if dataset == PPL else task_label(dataset)
+
+
 def _prop2_summary(table: FitTable) -> str:
     row = table.row(PPL)
     f = row.fit
@@ -73,6 +95,7 @@ def _prop2_summary(table: FitTable) -> str:
             f"The paper's y = 1 - s lies outside our 95% intervals (a {ci_text(f.a_ci)}, b {ci_text(f.b_ci)}): "
             "Prop. 2 does not hold exactly here. "
         )
+    text += _dropped_sentence(row)
     text += f"Read literally, y = 1 - s misses our points by RMSE {fmt(row.literal_rmse)}. "
     anchored = row.anchored
     text += (
@@ -94,6 +117,16 @@ def _prop2_summary(table: FitTable) -> str:
         )
         text += f"Table 3 has {listed}; our slope is {where}."
     return text
+
+
+def _dropped_sentence(row: FitRow) -> str:
+    """The sentence naming the points the fit left out; for accuracy (acc = 0) they fell furthest, so the
+    slope is biased toward 0."""
+    note = row.points.dropped_note()
+    if note is None:
+        return ""
+    bias = "; those fell furthest, so the slope is biased toward 0" if row.metric == "accuracy" else ""
+    return f"Left out of the fit: {note}{bias}. "
 
 
 def _resolved(results: dict[str, Any], task: str, acc_key: str) -> bool | None:
@@ -122,6 +155,7 @@ def _prop3_summary(table: FitTable, task: str, results: dict[str, Any]) -> str:
     if paper:
         text += " (Table 3: " + ", ".join(f"{PAPER_SHORT[m]} a = {p.a:+.2f}" for m, p in paper.items()) + ")"
     text += f". Through the dense point a = {row.anchored.a:+.3f} {ci_text(row.anchored.a_ci)}. "
+    text += _dropped_sentence(row)
     if f.a_ci is None:
         text += "Under three sparsities beside the dense model: no interval on the slope. "
     elif f.a_ci[1] < 0.0:
@@ -205,17 +239,18 @@ def summary(results: dict[str, Any], table: FitTable | None, fit_error: str | No
     The quick-profile warning (`quick_note`) is not among them: the page shows it as a banner above them.
     """
     if table is None:
-        return [f"No law could be fitted: {fit_error}"]
+        return [f"No law could be fitted: {fit_error}. Figs. 3a and 3b and Table 3 are left out."]
     lines = []
+    settings = results.get("settings") or {}
     fitted = {r.dataset for r in table.rows}
     if PPL in fitted:
         lines.append(_prop2_summary(table))
     else:
-        lines.append(f"Perplexity law not fitted: {table.skipped.get(PPL, 'no perplexity recorded')}")
+        lines.append(f"Perplexity law ({corpus_label(settings)}): {table.skipped[PPL]}")
     tasks = [r.dataset for r in table.rows if r.metric == "accuracy"]
     if tasks:
         lines.append(f"Accuracy law (Prop. 3, y = ln(acc/acc0), {table.acc_key}):")
         lines += [_prop3_summary(table, t, results) for t in tasks]
-    lines += [f"{name} not fitted: {why}" for name, why in table.skipped.items() if name != PPL]
+    lines += [f"{task_label(name)}: {why}" for name, why in table.skipped.items() if name != PPL]
     lines += _entropy_summary(results)
     return lines

@@ -214,6 +214,59 @@ def test_dataset_with_one_sparsity_is_skipped_not_fatal() -> None:
     assert [r.dataset for r in table.rows] == ["ppl", "arc_easy", "piqa"]
 
 
+def _zero_acc(results: dict[str, Any], task: str, records: range) -> list[float]:
+    """Set `task`'s acc to 0 (with the stderr 0 a rate gives) in `records`; return their sparsities."""
+    for i in records:
+        results["records"][i]["tasks"][task].update(acc=0.0, stderr=0.0)
+    return [results["records"][i]["effective_sparsity"] for i in records]
+
+
+def test_zero_accuracies_are_named_in_fits_and_a_one_point_task_cannot_be_fitted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # ARC-e loses two of five sparsities to acc = 0 (ln 0); PIQA keeps one: no residual dof, so no fit.
+    results = make_results(noise=0.01)
+    dropped = _zero_acc(results, "arc_easy", range(2, 4))
+    _zero_acc(results, "piqa", range(1, 5))
+    folder = write_results(tmp_path / "run", results)
+    assert main(["fit", str(folder)]) == 0
+    out = capsys.readouterr().out
+    where = ", ".join(f"{s:.3f}" for s in dropped)
+    note = f"s = {where} dropped (acc = 0, where ln(acc / acc0) is undefined); 3 of 5 sparsities > 0 have a"
+    assert note in out
+    assert (
+        "skipped piqa: cannot be fitted: s = " in out and "1 of 5 sparsities > 0 has a defined value" in out
+    )
+    with (folder / "fits.csv").open() as f:
+        rows = {r["dataset"]: r for r in csv.DictReader(f)}
+    assert rows["arc_easy"]["n_dropped"] == "2" and note in rows["arc_easy"]["dropped"]
+    assert rows["piqa"]["a"] == "" and rows["piqa"]["not_fitted"].startswith("cannot be fitted: s = ")
+    assert rows["ppl"]["n_dropped"] == "0" and rows["ppl"]["dropped"] == ""
+    fits = json.loads((folder / "fits.json").read_text())
+    assert fits["skipped"]["piqa"] == rows["piqa"]["not_fitted"]
+
+    # predict offers no number for PIQA, says why, and names ARC-e's dropped points.
+    assert main(["predict", "--sparsity", "0.35", "--from", str(folder)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not any(line.startswith("piqa acc") for line in lines)
+    assert any(line.startswith("piqa") and "cannot be fitted" in line for line in lines)
+    assert any(note in line for line in lines)
+    assert main(["predict", "--sparsity", "0.35", "--from", str(folder), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert "piqa" not in payload["tasks"] and payload["skipped"]["piqa"].startswith("cannot be fitted")
+    assert note in payload["tasks"]["arc_easy"]["dropped"] and payload["ppl"]["dropped"] is None
+
+
+def test_a_fit_whose_interval_would_have_zero_width_is_not_offered() -> None:
+    # acc = 1 at every sparsity, stderr 0: every y is 0 with no sampling error and no scatter.
+    results = make_results(noise=0.01)
+    for rec in results["records"]:
+        rec["tasks"]["piqa"].update(acc=1.0, stderr=0.0)
+    table = fit_results(results)
+    assert "piqa" not in [r.dataset for r in table.rows]
+    assert table.skipped["piqa"].startswith("cannot be fitted: every point lies exactly on the line")
+
+
 def test_write_fits_files_parse_with_paper_values(tmp_path: Path) -> None:
     table = fit_results(make_results(noise=0.01))
     json_path, csv_path = write_fits(table, tmp_path)
@@ -282,9 +335,12 @@ def test_wrong_structure_is_refused(tmp_path: Path, mutate: Any, match: str) -> 
         load_results(tmp_path)
 
 
-def test_fewer_than_two_sparsities_is_refused() -> None:
-    with pytest.raises(MechsliceError, match="fewer than two sparsities"):
-        fit_results(make_results(nominal=(0.0,)))
+@pytest.mark.parametrize("nominal", [(0.0,), (0.0, 0.3)])
+def test_fewer_than_two_sparsities_is_refused(nominal: tuple[float, ...]) -> None:
+    # One sparsity beside the exact dense point leaves even the anchored line no residual degree of freedom.
+    sliced = len(nominal) - 1
+    with pytest.raises(MechsliceError, match=rf"fewer than two sparsities > 0 \(the sweep has {sliced}\)"):
+        fit_results(make_results(nominal=nominal))
 
 
 def test_check_same_model() -> None:

@@ -3,6 +3,7 @@ offline self-containment, the Table 3 numbers, atomic writing, and the `mechslic
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -13,9 +14,16 @@ import numpy as np
 import plotly.offline
 import pytest
 
-from analyses.laws import fit_results
+from analyses.laws import PAPER_TABLE3, fit_results
+from analyses.layer_plots import HEATMAP_COLUMNS, binned_log_shares, index_bins
 from analyses.report import REPORT_FILE, build_report
-from analyses.report_figures import kept_fraction
+from analyses.report_figures import (
+    entropy_figures,
+    entropy_ratio_figure,
+    figure_3b,
+    kept_fraction,
+    sorted_records,
+)
 from analyses.report_text import quick_note, summary
 from mechslice.cli import main
 from mechslice.errors import MechsliceError
@@ -33,6 +41,8 @@ def make_results(
     extras: bool = True,
     quick: bool = False,
     seed: int = 0,
+    d: int = D,
+    layers: int = LAYERS,
 ) -> dict[str, Any]:
     """A sweep following the laws with a little noise; with `extras`, entropy, shift and spectra files too.
 
@@ -41,8 +51,8 @@ def make_results(
     rng = np.random.default_rng(seed)
     records = []
     for s_nom in nominal:
-        d_prime = int((1 - s_nom) * D) // 8 * 8
-        s = 1 - d_prime / D
+        d_prime = int((1 - s_nom) * d) // 8 * 8
+        s = 1 - d_prime / d
         noise = 0.0 if s == 0 else rng.normal(0.0, 0.01)
         tasks = {
             task: {
@@ -58,7 +68,7 @@ def make_results(
         rec: dict[str, Any] = {
             "sparsity": s_nom,
             "effective_sparsity": s,
-            "d": D,
+            "d": d,
             "d_prime": d_prime,
             "ppl": math.exp(math.log(PPL0) / (1.0 + PPL_SLOPE * s + noise)),
             "ppl_tokens": 4096,
@@ -66,8 +76,8 @@ def make_results(
             "seconds": {"slice": 1.5, "ppl": 2.0, "total": 731.0},
         }
         if extras:
-            h_dense = 10.0 + np.arange(LAYERS, dtype=float)
-            ratios = (1 - s) * (1 + 0.02 * rng.standard_normal(LAYERS))
+            h_dense = 10.0 + np.arange(layers, dtype=float)
+            ratios = (1 - s) * (1 + 0.02 * rng.standard_normal(layers))
             rec["entropy"] = {
                 est: {
                     "per_layer_dense": list(h_dense * scale),
@@ -117,8 +127,8 @@ def make_results(
     }
 
 
-def write_sweep(folder: Path, results: dict[str, Any]) -> Path:
-    """results.json plus, for records that name one, a spectra file of 2 rotations per layer."""
+def write_sweep(folder: Path, results: dict[str, Any], layers: int = LAYERS) -> Path:
+    """results.json plus, for records that name one, a spectra file of 2 rotations per layer (of width d)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(results))
     rng = np.random.default_rng(1)
@@ -127,9 +137,9 @@ def write_sweep(folder: Path, results: dict[str, Any]) -> Path:
             spectra = [
                 {
                     "name": f"layer{i}.{part}",
-                    "eigenvalues": sorted(rng.exponential(1.0, D).tolist(), reverse=True),
+                    "eigenvalues": sorted(rng.exponential(1.0, rec["d"]).tolist(), reverse=True),
                 }
-                for i in range(LAYERS)
+                for i in range(layers)
                 for part in ("attn", "mlp")
             ]
             path = folder / rec["spectra_file"]
@@ -189,6 +199,21 @@ def test_full_report_has_every_section_and_is_offline(tmp_path: Path) -> None:
     assert raw_html.count("<td>731</td>") == 5 and "<td>734</td>" not in raw_html
 
 
+# What a report page with plotly.js inlined (4.8 MB of it) should stay under.
+PAGE_LIMIT = 6_000_000
+
+
+def test_a_realistic_sweeps_page_stays_under_the_size_limit(tmp_path: Path) -> None:
+    # SmolLM2-135M's shape: d = 576, 30 layers (60 rotations), eight sparsities. The line-per-rotation
+    # spectra made this page 8.4 MB; the binned heat map holds every sparsity in a fraction of that.
+    nominal = (0.0, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+    results = make_results(nominal=nominal, d=576, layers=30)
+    page = build_report(write_sweep(tmp_path, results, layers=30)).read_bytes()
+    assert len(page) < PAGE_LIMIT
+    spectra_html = page.split(b'id="spectra"')[1].split(b"<h2")[0]
+    assert len(spectra_html) < 500_000 and spectra_html.count(b'"zmin"') == len(nominal)
+
+
 def test_report_names_the_layers_left_out_of_the_entropy_ratio(tmp_path: Path) -> None:
     # Issue 12, defect 3: one layer of one sparsity has H < 0 < H'. The prediction from internals averages
     # the other layers and the table says which layer it left out and why; the entropy table shows how many
@@ -233,6 +258,44 @@ def test_report_contains_table3_numbers(tmp_path: Path) -> None:
     assert f"RMSE {table.row('ppl').literal_rmse:.3f}" in table_html
 
 
+@pytest.mark.parametrize(
+    ("corpus", "label"),
+    [
+        ("wiki", "wiki (Wikipedia lead sections, not WikiText2)"),
+        ("wikitext2:/data/wikitext", "WikiText2 (wikitext)"),
+        ("text:/data/my_corpus.txt", "text file my_corpus.txt"),
+    ],
+)
+def test_table3_names_the_perplexity_corpus_the_sweep_used(tmp_path: Path, corpus: str, label: str) -> None:
+    results = make_results(extras=False)
+    results["settings"]["ppl_corpus"] = corpus
+    rest = _without_plotlyjs(build_report(write_sweep(tmp_path, results)).read_text(encoding="utf-8"))
+    table_html = rest.split('id="table3"')[1].split("<h2")[0]
+    assert f"<tr><td class=l>ln PPL0/ln PPL</td><td class=l>{label}</td>" in table_html
+
+
+def test_report_names_dropped_points_and_the_task_that_cannot_be_fitted(tmp_path: Path) -> None:
+    # ARC-e: acc = 0 at two of four sparsities (ln 0 is undefined); PIQA keeps one: no fit, no interval.
+    results = make_results(extras=False)
+    records = results["records"]
+    for i in (2, 3):
+        records[i]["tasks"]["arc_easy"].update(acc=0.0, stderr=0.0)
+    for i in (1, 2, 3):
+        records[i]["tasks"]["piqa"].update(acc=0.0, stderr=0.0)
+    rest = _without_plotlyjs(build_report(write_sweep(tmp_path, results)).read_text(encoding="utf-8"))
+    where = f"s = {records[2]['effective_sparsity']:.3f}, {records[3]['effective_sparsity']:.3f} dropped"
+    dropped = f"{where} (acc = 0, where ln(acc / acc0) is undefined); 2 of 4 sparsities &gt; 0 have a"
+    summary_html = rest.split('id="summary"')[1].split("<h2")[0]
+    arc_e = next(li for li in summary_html.split("<li>") if li.startswith("ARC-e: a = "))
+    assert f"Left out of the fit: {dropped}" in arc_e and "biased toward 0" in arc_e
+    assert "<li>PIQA: cannot be fitted: s = " in summary_html
+    table_html = rest.split('id="table3"')[1].split("<h2")[0]
+    assert f"<li>ARC-e: {dropped}" in table_html
+    assert "<li>PIQA: cannot be fitted: s = " in table_html and "has a defined value" in table_html
+    assert "<td class=l>PIQA</td>" not in table_html  # no row of numbers for it
+    assert not re.search(r"\[([+-]\d\.\d{3}), \1\]", rest)  # no zero-width interval anywhere
+
+
 def test_report_without_extras_builds_with_notes(tmp_path: Path) -> None:
     folder = write_sweep(tmp_path, make_results(extras=False))
     rest = _without_plotlyjs(build_report(folder).read_text(encoding="utf-8"))
@@ -247,7 +310,9 @@ def test_report_when_nothing_can_be_fitted(tmp_path: Path) -> None:
     # Only the dense model: no line can be fitted, yet the report builds and says why.
     folder = write_sweep(tmp_path, make_results(nominal=(0.0,), extras=False))
     page = build_report(folder).read_text(encoding="utf-8")
-    assert page.count("No law could be fitted") == 4  # the summary, Figs. 3a and 3b, Table 3
+    # Said once, in the summary, with the reason; the law sections are left out rather than repeating it.
+    assert page.count("No law could be fitted") == 1
+    assert page.count("the sweep has 0") == 1 and 'id="table3"' not in page
     assert "Plotly.newPlot(" not in page and "plotly.js" not in page  # no figure, so no bundle either
 
 
@@ -401,3 +466,50 @@ def test_cli_report_bad_input(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (folder / REPORT_FILE).exists()
+
+
+def test_figure_3b_has_the_papers_line_per_task_in_the_tasks_own_colour() -> None:
+    results = make_results(extras=False)
+    table = fit_results(results)
+    fig = figure_3b(results, table)
+    points = {t.name: t for t in fig.data if t.mode == "markers"}
+    assert set(points) == {"ARC-e", "ARC-c", "PIQA"}
+    colors = {name: t.marker.color for name, t in points.items()}
+    assert len(set(colors.values())) == 3  # a distinct hue per task
+    for task, name in (("arc_easy", "ARC-e"), ("arc_challenge", "ARC-c"), ("piqa", "PIQA")):
+        paper = [t for t in fig.data if t.name.startswith(f"{name}: Table 3")]
+        assert len(paper) == 2 and all(t.line.color == colors[name] for t in paper)
+        slopes = sorted(float(np.diff(t.y)[0] / np.diff(t.x)[0]) for t in paper)
+        assert slopes == pytest.approx(sorted(p.a for p in PAPER_TABLE3[task].values()))
+    # The tasks' points are spread around each sparsity (the true s is kept for the hover).
+    xs = [np.asarray(t.x) for t in points.values()]
+    assert all(np.all(np.abs(a - b) > 0.002) for i, a in enumerate(xs) for b in xs[i + 1 :])
+    assert all(np.all(np.abs(np.asarray(t.x) - np.asarray(t.customdata)) < 0.01) for t in points.values())
+
+
+def test_spectra_heat_map_bins_cover_every_index_once() -> None:
+    edges = index_bins(576)
+    assert edges[0] == 0 and edges[-1] == 576 and len(edges) - 1 <= HEATMAP_COLUMNS
+    assert np.all(np.diff(edges) > 0) and edges[:21] == list(range(21))  # the top: one index a column
+    share = np.arange(576, 0, -1, dtype=np.float64)
+    share /= share.sum()
+    z = binned_log_shares([share, share[:100]], edges)
+    expected = [np.log10(share[lo:hi].mean()) for lo, hi in itertools.pairwise(edges)]
+    assert z.dtype == np.float32 and z[0] == pytest.approx(expected, rel=1e-6)
+    covered = np.array(edges[1:]) <= 100
+    assert np.all(np.isfinite(z[1][covered])) and np.all(np.isnan(z[1][np.array(edges[:-1]) >= 100]))
+
+
+def test_dense_curve_is_labelled_once_and_the_ratio_axes_fit_the_data() -> None:
+    records = sorted_records(make_results())
+    curves, ratios = entropy_figures(records, "gaussian")
+    names = [t.name for t in curves.data]
+    assert names.count("dense (s = 0)") == 1 and not any("0.000" in n for n in names)
+    assert next(t for t in curves.data if t.name == "dense (s = 0)").line.color == "black"
+    assert "dense (s = 0)" in [t.name for t in ratios.data]
+    fig = entropy_ratio_figure(records, ["gaussian"])
+    values = [v for t in fig.data if t.mode == "markers+lines" for v in (*t.x, *t.y)]
+    assert min(values) > 0.45 and max(values) < 1.1  # the fixture's data: 1 - s from 0.5 to 1
+    for axis in (fig.layout.xaxis, fig.layout.yaxis):
+        lo, hi = axis.range
+        assert lo < min(values) and max(values) < hi and hi - lo < 1.2 * (max(values) - min(values)) + 0.05

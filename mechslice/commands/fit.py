@@ -72,6 +72,8 @@ def format_table(payload: dict[str, Any]) -> str:
         )
         if row["literal_rmse"] is not None:
             lines.append(f"{'':<10} {'':<14} paper's literal line y = 1 - s: RMSE {row['literal_rmse']:.3f}")
+        if row["dropped"] is not None:
+            lines.append(f"{'':<10} {'':<14} {row['dropped']}")
     lines += [f"skipped {name}: {why}" for name, why in payload["skipped"].items()]
     for estimator, preds in payload["entropy_predictions"].items():
         lines.append(

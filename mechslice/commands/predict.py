@@ -1,7 +1,8 @@
 """`mechslice predict --sparsity S --from DIR`: perplexity and accuracies at an unseen s, from the laws.
 
 Each metric has `predicted`, `interval` (95% prediction interval), `y`, `y_interval`, `extrapolated` from the
-paper's unconstrained fit, and the same from the fit through the dense point under `anchored`.
+paper's unconstrained fit, and the same from the fit through the dense point under `anchored`; `dropped` names
+the sparsities the fit left out. A law that cannot be fitted is not predicted: `skipped` says why.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from analyses.laws import ACC_KEYS, check_sparsity, fit_results, load_results, predict
+from analyses.laws import ACC_KEYS, PPL, check_sparsity, fit_results, load_results, predict
 from mechslice.commands._common import add_json_arg, emit
 
 
@@ -42,10 +43,11 @@ def _bounds(interval: list[float | None] | None, spec: str) -> str:
 def _line(name: str, entry: dict[str, Any], spec: str) -> str:
     extra = " (extrapolated)" if entry["extrapolated"] else ""
     anchored = entry["anchored"]
-    return (
+    line = (
         f"{name:<22} {_value(entry['predicted'], spec):>10}  {_bounds(entry['interval'], spec)}{extra}; "
         f"through the dense point {_value(anchored['predicted'], spec)} {_bounds(anchored['interval'], spec)}"
     )
+    return line if entry["dropped"] is None else f"{line}\n{'':<22} {entry['dropped']}"
 
 
 def format_prediction(payload: dict[str, Any]) -> str:
@@ -59,6 +61,9 @@ def format_prediction(payload: dict[str, Any]) -> str:
         )
     for task, entry in payload["tasks"].items():
         lines.append(_line(f"{task} {payload['acc_key']}", entry, ".4f"))
+    lines += [
+        f"{'perplexity' if name == PPL else name:<22} {why}" for name, why in payload["skipped"].items()
+    ]
     return "\n".join(lines)
 
 
@@ -66,5 +71,6 @@ def run(args: argparse.Namespace) -> int:
     """Fit the laws on DIR/results.json and print the predictions at --sparsity."""
     s = check_sparsity(args.sparsity)
     table = fit_results(load_results(args.source), acc_key=args.acc_key)
-    emit(args, {**predict(table, s, table.ppl0, table.acc0s), "dtype": table.dtype}, format_prediction)
+    payload = {**predict(table, s, table.ppl0, table.acc0s), "skipped": table.skipped, "dtype": table.dtype}
+    emit(args, payload, format_prediction)
     return 0
