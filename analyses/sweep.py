@@ -35,7 +35,12 @@ from mechslice.slicing import Slicer, slice_model, sliced_width
 
 RESULTS = "results.json"
 # What a results file that predates a setting was computed with, where that differs from today's default.
-PREDATING: dict[str, Any] = {"slice_head": True, "calib_sampler": "offsets"}
+PREDATING: dict[str, Any] = {
+    "slice_head": True,
+    "calib_sampler": "offsets",
+    "entropy_stream": "raw",
+    "include_knn": True,  # the kNN ratio entered the predictor before the flag existed
+}
 PPL = "ppl"
 
 

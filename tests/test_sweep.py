@@ -143,6 +143,32 @@ def test_dtype_setting_runs_refuses_another_dtype_and_old_files_resume(
     assert sweep("fp32", resume=True, sparsities=(0.0,), dtype="float32") == fp32
 
 
+def test_a_file_that_predates_the_faithfulness_settings_resumes_only_as_what_it_was(
+    tiny_folder: Path, corpus: str, tmp_path: Path
+) -> None:
+    settings = _settings(corpus, sparsities=(0.0,), dtype="float32")
+    first = run_sweep(settings, tmp_path, str(tiny_folder), "cpu", progress=False, log=lambda _: None)
+    results = json.loads((tmp_path / RESULTS).read_text())
+    for key in ("slice_head", "calib_sampler", "entropy_stream", "include_knn"):
+        del results["settings"][key]  # as written before the faithfulness fixes
+    (tmp_path / RESULTS).write_text(json.dumps(results))
+    # the old code sliced the head, drew calibration at offsets and measured entropy on the raw stream: a
+    # default run would mix those numbers with today's, so it is refused, naming every such setting
+    with pytest.raises(MechsliceError, match="calib_sampler, entropy_stream, include_knn, slice_head"):
+        run_sweep(settings, tmp_path, str(tiny_folder), "cpu", resume=True, progress=False)
+    old = _settings(
+        corpus,
+        sparsities=(0.0,),
+        dtype="float32",
+        slice_head=True,
+        calib_sampler="offsets",
+        entropy_stream="raw",
+        include_knn=True,
+    )
+    again = run_sweep(old, tmp_path, str(tiny_folder), "cpu", resume=True, progress=False, log=lambda _: None)
+    assert again["records"] == first["records"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
