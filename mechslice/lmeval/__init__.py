@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 INSTALL = "pip install -e .[lm-eval]"
 TEMPLATES = Path(__file__).parent / "tasks"
 GENERATION = "generate_until"
+# Who scores a sweep's multiple-choice tasks: mechslice's batched scorer, or the harness over the same model.
+MC_BACKENDS = ("ours", "lm-eval")
 # The harness keys each metric as "name,filter"; log-likelihood tasks have the one filter "none".
 _FILTER = ",none"
 
