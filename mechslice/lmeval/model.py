@@ -88,7 +88,7 @@ class MechsliceLM(TemplateLM):
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         """Refused: mechslice scores log-likelihoods and does not generate text."""
-        task = requests[0].task_name if requests else "this task"
+        task = next((request.task_name for request in requests if request.task_name), "?")
         raise MechsliceError(
             f"task '{task}' needs text generation (generate_until), which mechslice lm-eval does not run; "
             "choose a multiple-choice or log-likelihood task"
