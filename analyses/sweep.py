@@ -27,8 +27,9 @@ from mechslice import distributed
 from mechslice.atomic import atomic_write_json
 from mechslice.corpora import CALIBRATION_SEED, calibration_windows, corpus_tokens, eval_windows
 from mechslice.errors import MechsliceError
+from mechslice.lmeval import MC_BACKENDS, harness_mc, require_lm_eval
 from mechslice.loading import LoadedModel, default_device, load_model
-from mechslice.mc import TASKS, evaluate_mc
+from mechslice.mc import TASKS, MCResult, evaluate_mc
 from mechslice.perplexity import evaluate_perplexity, sdpa_attention
 from mechslice.precision import AUTO, DTYPES, dtype_name, resolve_dtype
 from mechslice.slicing import Slicer, slice_model, sliced_width
@@ -69,6 +70,7 @@ class SweepSettings:
     probe_seqlen: int = 512
     batch_size: int = 4
     mc_batch_size: int = 16
+    mc_backend: str = "ours"  # a name in MC_BACKENDS
     quick: bool = False
     # compute dtype of every model in the sweep: auto or a name in mechslice.precision.DTYPES; run_sweep
     # resolves auto on its device, so results.json always records the concrete dtype the numbers were made in
@@ -124,6 +126,10 @@ def check_settings(settings: SweepSettings) -> None:
         )
     if settings.dtype not in (AUTO, *DTYPES):
         raise MechsliceError(f"unknown dtype '{settings.dtype}'; use one of {', '.join([AUTO, *DTYPES])}")
+    if settings.mc_backend not in MC_BACKENDS:
+        raise MechsliceError(f"unknown MC backend '{settings.mc_backend}'; use {' or '.join(MC_BACKENDS)}")
+    if settings.mc_backend == "lm-eval" and any(t != PPL for t in settings.tasks):
+        require_lm_eval()
     if settings.probe_tokens < settings.probe_seqlen:
         raise MechsliceError("--probe-tokens must cover at least one probe window of --probe-seqlen tokens")
 
@@ -173,9 +179,7 @@ def _evaluate(
         result = evaluate_perplexity(lm.model, probe.ppl_windows, settings.batch_size, progress)
         out["ppl"], out["ppl_tokens"], seconds[PPL] = result.ppl, result.tokens, result.seconds
     for task in (t for t in settings.tasks if t != PPL):
-        mc = evaluate_mc(
-            lm.model, lm.tokenizer, task, settings.mc_limit, settings.mc_batch_size, progress=progress
-        )
+        mc = _score_mc(lm, task, settings, progress)
         out["tasks"][task] = {
             "acc": mc.acc,
             "acc_norm": mc.acc_norm,
@@ -192,6 +196,15 @@ def _evaluate(
     out["shift"] = output_shift(dense, lm, probe.probe_windows)
     seconds["shift"] = time.perf_counter() - start
     return out, seconds
+
+
+def _score_mc(lm: LoadedModel, task: str, settings: SweepSettings, progress: bool) -> MCResult:
+    """One task's accuracies by the settings' MC backend."""
+    if settings.mc_backend == "lm-eval":
+        return harness_mc(lm, task, settings.mc_limit, settings.mc_batch_size, progress)
+    return evaluate_mc(
+        lm.model, lm.tokenizer, task, settings.mc_limit, settings.mc_batch_size, progress=progress
+    )
 
 
 def residual_entropy(

@@ -30,14 +30,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _text(payload: dict[str, Any]) -> str:
-    def stderr(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.4f}"
+def _stderr(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
+
+def _acc_norm(payload: dict[str, Any]) -> str:
+    """acc_norm ± its standard error, or why the task has none."""
+    if payload["acc_norm"] is None:
+        return f"n/a (the harness defines no acc_norm for {payload['task']})"
+    return f"{payload['acc_norm']:.4f} ± {_stderr(payload['acc_norm_stderr'])}"
+
+
+def _text(payload: dict[str, Any]) -> str:
     return (
         f"{payload['model']} ({payload['dtype']}) on {payload['task']} ({payload['split']} split, {payload['n']} items, {payload['source']})\n"
-        f"  acc      {payload['acc']:.4f} ± {stderr(payload['acc_stderr'])}\n"
-        f"  acc_norm {payload['acc_norm']:.4f} ± {stderr(payload['acc_norm_stderr'])}\n"
+        f"  acc      {payload['acc']:.4f} ± {_stderr(payload['acc_stderr'])}\n"
+        f"  acc_norm {_acc_norm(payload)}\n"
         f"  {payload['seconds']:.1f} s, {payload['items_per_s']:.2f} items/s"
     )
 

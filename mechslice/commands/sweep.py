@@ -9,6 +9,7 @@ from typing import Any
 from mechslice.commands._common import add_model_args, emit, show_progress
 from mechslice.corpora import SAMPLERS
 from mechslice.errors import MechsliceError
+from mechslice.lmeval import MC_BACKENDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seqlen", dest="ppl_seqlen", type=int, default=None)
     p.add_argument("--max-tokens", dest="ppl_max_tokens", type=int, default=None)
     p.add_argument("--mc-limit", type=int, default=None, help="first N items of each task (default all)")
+    p.add_argument(
+        "--mc-backend",
+        choices=MC_BACKENDS,
+        default=None,
+        help="who scores the tasks: ours (default) or lm-eval (the harness over the same model; slower)",
+    )
     p.add_argument(
         "--estimators",
         type=_names,

