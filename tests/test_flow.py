@@ -46,6 +46,28 @@ def test_moments_match_direct_computation_and_merge() -> None:
         assert m.mean_norm == pytest.approx(float(X.norm(dim=1).mean()), rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_rows_reduce_in_float32_to_float64_accuracy_of_their_values(
+    dtype: torch.dtype,
+) -> None:
+    torch.manual_seed(0)
+    # 5000 rows (11 blocks of 455 at width 576) with a large mean in one channel, as the residual stream has
+    X = (torch.randn(5000, 576) * 2 + torch.linspace(-1, 1, 576)).to(dtype)
+    X[:, 7] += 40
+    half, exact = RunningMoments(576, True), RunningMoments(576, True)
+    half.update(X)
+    exact.update(X.double())  # the same values, reduced in float64 throughout
+    # float32 sums within a block of 455 rows round at about 2^-24 log2(455) ~ 5e-7 relative to the sum of
+    # magnitudes; 1e-5 leaves room, and is still 200x below bf16's own resolution of the data (2^-9).
+    torch.testing.assert_close(
+        half.sum_x, exact.sum_x, rtol=1e-5, atol=1e-5 * float(X.double().abs().sum(0).max())
+    )
+    torch.testing.assert_close(half.sum_x2, exact.sum_x2, rtol=1e-5, atol=0)
+    torch.testing.assert_close(half.sum_xxT, exact.sum_xxT, rtol=1e-5, atol=1e-5 * float(exact.sum_x2.max()))
+    assert half.sum_norm == pytest.approx(exact.sum_norm, rel=1e-6)
+    assert half.n == exact.n == 5000
+
+
 def test_stages_hold_what_the_table_says(tiny: LoadedModel, ids: torch.Tensor) -> None:
     keys = [s.key for s in STAGES]
     result = trace(tiny.bridge, ids, raw=keys)

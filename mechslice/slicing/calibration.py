@@ -13,6 +13,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from hooks.stats import gram
 from mechslice.errors import MechsliceError
 
 # SliceGPT's damping: add 0.01 * mean(diag H) to the diagonal before `eigh`.
@@ -41,24 +42,6 @@ class SecondMoment:
         """Add another shard's sums (exact: the statistic is a plain sum)."""
         self.sum += other.sum.to(self.sum.device)
         self.count += other.count
-
-
-# Inputs whose products are exact in float32: an 8- or 11-bit significand squared fits float32's 24 bits.
-_HALF = (torch.bfloat16, torch.float16)
-
-
-def gram(flat: Float[Tensor, "tokens d"]) -> Float[Tensor, "d d"]:
-    """x^T x in float64. A bf16/fp16 batch goes through one float32 GEMM, float64 otherwise.
-
-    For half-precision activations every product x_ti x_tj is exact in float32, so the float32 GEMM rounds only
-    its within-batch sum (relative error about 2^-24 sqrt(tokens)); the sums across batches stay float64. On CPU
-    this runs about 3x faster than a float64 GEMM, and the PCA of it is what the slicer spends its time on.
-    """
-    if flat.dtype in _HALF:
-        f = flat.float()
-        return (f.T @ f).double()
-    f = flat.double()
-    return f.T @ f
 
 
 def require_finite(x: Tensor, signal: str) -> None:
