@@ -317,9 +317,9 @@ def test_real_model_mlp_prune_raises_perplexity(embedded):
     from mechslice.corpora import calibration_windows, corpus_tokens, eval_windows
     from mechslice.perplexity import evaluate_perplexity
 
-    windows = eval_windows(corpus_tokens(embedded.tokenizer, "wiki", "test"), 256, 4096)
+    windows = eval_windows(corpus_tokens(embedded.tokenizer, "wiki", "test"), 128, 512)
     dense = evaluate_perplexity(embedded.model, windows, progress=False).ppl
-    calib = calibration_windows(embedded.tokenizer, "wiki", 8, 256)
+    calib = calibration_windows(embedded.tokenizer, "wiki", 4, 128)
     record = prune(embedded, "mlp", 0.25, calib, progress=False)
     assert (record.units, record.kept) == (1536, 1152)
     pruned = evaluate_perplexity(embedded.model, windows, progress=False).ppl

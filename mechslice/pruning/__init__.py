@@ -5,10 +5,14 @@
 the method's own sparsity whose rounded result comes nearest a target parameter sparsity; `save_pruned` writes
 the folder. The scores of `mlp`, `heads` and `layers` come from one forward pass of the dense model over the
 calibration windows (`mechslice.corpora.calibration_windows`, the same windows SliceGPT calibrates on).
+`mlp` and `heads` rank within each block and cut every block to the same size (a config holds one
+`intermediate_size` and one head count); `layers` ranks the blocks against each other. Pruning is in place, so
+a sweep loads (or copies) the dense model once per method and sparsity and calls `prune` on it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from types import ModuleType
 
@@ -122,11 +126,18 @@ def predicted_parameters(
     lm: LoadedModel, method: str, kept: int, options: PruneOptions = PruneOptions()
 ) -> ParamCount:
     """What the model will store once pruned to `kept` units of the method's axis (before pruning it)."""
+    return _predictor(lm, method, options)(kept)
+
+
+def _predictor(lm: LoadedModel, method: str, options: PruneOptions) -> Callable[[int], ParamCount]:
+    """kept -> the stored parameters after pruning to it; the dense counts read once."""
     _method(method)
     if method == "slice":
-        return sliced_parameters(lm, kept, options.rotation, options.slice_head)
+        return lambda kept: sliced_parameters(lm, kept, options.rotation, options.slice_head)
     dense, module = count_parameters(lm), _UNIT_METHODS[method]
-    return ParamCount(dense.total - (module.units(lm) - kept) * module.unit_parameters(lm), dense.embedding)
+    n, per_unit = module.units(lm), module.unit_parameters(lm)
+    # every unit of an axis holds the same parameters, so the count is affine in the units kept
+    return lambda kept: ParamCount(dense.total - (n - kept) * per_unit, dense.embedding)
 
 
 def _admissible(lm: LoadedModel, method: str, options: PruneOptions) -> list[int]:
@@ -164,13 +175,16 @@ def nearest_sparsity(
     _, n = _axis(lm, method)
     dense = count_parameters(lm)
     candidates = _admissible(lm, method, options)
-    return nearest(dense, target, of, candidates, n, lambda k: predicted_parameters(lm, method, k, options))
+    return nearest(dense, target, of, candidates, n, _predictor(lm, method, options))
 
 
 def _rank(scores: Tensor, removable: list[int] | None = None) -> list[int]:
     """Unit indices by ascending score (ties: lower index first), optionally only those in `removable`."""
     order = torch.argsort(scores, stable=True).tolist()
-    return order if removable is None else [i for i in order if i in set(removable)]
+    if removable is None:
+        return order
+    allowed = set(removable)
+    return [i for i in order if i in allowed]
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,8 +17,10 @@ from mechslice.slicing.calibration import warn_if_few_tokens
 from mechslice.slicing.layers import ShortcutBlock
 from mechslice.slicing.signals import batches
 
-# (module, hook) pairs: a forward pre-hook `hook(module, args)` or, for `Post`, a forward hook with kwargs.
+# a module and its forward pre-hook `hook(module, args)`
 PreHook = tuple[nn.Module, Callable[[nn.Module, tuple[Any, ...]], None]]
+# a module and its forward hook `hook(module, args, kwargs, output)`
+PostHook = tuple[nn.Module, Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]]
 
 
 def check_calibration(lm: LoadedModel, calib: Tensor, batch_size: int) -> None:
@@ -45,13 +47,10 @@ def calibrate(
     calib: Int[Tensor, "n seqlen"],
     batch_size: int,
     progress: bool,
-    pre_hooks: list[PreHook] = (),
-    post_hooks: list[tuple[nn.Module, Callable[..., None]]] = (),
+    pre_hooks: Sequence[PreHook] = (),
+    post_hooks: Sequence[PostHook] = (),
 ) -> None:
-    """Run the decoder (no unembedding) over `calib` in batches with SDPA, the hooks installed meanwhile.
-
-    `post_hooks` are forward hooks called as `hook(module, args, kwargs, output)`.
-    """
+    """Run the decoder (no unembedding) over `calib` in batches with SDPA, the hooks installed meanwhile."""
     lm.reset_bridge()  # pruning and saving act on the plain HF modules
     handles = [module.register_forward_pre_hook(hook) for module, hook in pre_hooks]
     handles += [module.register_forward_hook(hook, with_kwargs=True) for module, hook in post_hooks]
