@@ -283,6 +283,8 @@ def test_cli_prunes_and_records(folder, corpus, tmp_path, capsys):  # noqa: F811
             "fewer than the 2 blocks",
         ),
         (["--method", "mlp", "--sparsity", "0.2", "--keep-first"], "--keep-first do(es) not apply"),
+        (["--method", "heads", "--sparsity", "0.5", "--round-to", "2"], "--round-to do(es) not apply"),
+        (["--method", "mlp", "--sparsity", "0.2", "--round-to", "0"], "round_to must be at least 1"),
         (["--method", "heads", "--param-sparsity", "1.5"], "parameter sparsity must lie in"),
     ],
 )

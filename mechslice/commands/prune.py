@@ -49,8 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--round-to",
         type=int,
-        default=8,
-        help="round m' (mlp) or d' (slice) down to a multiple of R (default 8)",
+        default=None,
+        help="mlp, slice: round m' or d' down to a multiple of R (default 8)",
     )
     parser.add_argument("--keep-first", action="store_true", help="layers: never remove the first block")
     parser.add_argument("--keep-last", action="store_true", help="layers: never remove the last block")
@@ -69,11 +69,12 @@ def _options(args: argparse.Namespace) -> PruneOptions:
         "--keep-last": args.keep_last and args.method != "layers",
         "--rotation": args.rotation is not None and args.method != "slice",
         "--slice-head": args.slice_head and args.method != "slice",
+        "--round-to": args.round_to is not None and args.method not in ("mlp", "slice"),
     }
     if given := [flag for flag, bad in foreign.items() if bad]:
         raise MechsliceError(f"{', '.join(given)} do(es) not apply to --method {args.method}")
     return PruneOptions(
-        round_to=args.round_to,
+        round_to=8 if args.round_to is None else args.round_to,
         keep_first=args.keep_first,
         keep_last=args.keep_last,
         rotation=args.rotation or "per-layer",
