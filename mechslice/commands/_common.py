@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from mechslice import distributed
+from mechslice.corpora import CALIBRATION_SEED, SAMPLERS, calibration_windows
 from mechslice.loading import DEFAULT_MODEL, LoadedModel, default_device, describe_model, load_model
 from mechslice.precision import AUTO, DTYPES, dtype_name, resolve_dtype
 
@@ -35,6 +36,43 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_json_arg(parser: argparse.ArgumentParser) -> None:
     """`--json`: print one JSON object on stdout instead of text."""
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    """`--calib-corpus`, `--calib-sampler`, `--calib-samples`, `--calib-seqlen`: SliceGPT's calibration by default."""
+    parser.add_argument(
+        "--calib-corpus", default="wiki", help="wiki, wikitext2:PATH or text:PATH (train split)"
+    )
+    parser.add_argument(
+        "--calib-sampler",
+        choices=SAMPLERS,
+        default="slicegpt",
+        help="slicegpt (default: whole documents from a seeded random start, none reused) or offsets",
+    )
+    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    parser.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+
+
+def calibration_from_args(args: argparse.Namespace, lm: LoadedModel) -> torch.Tensor:
+    """The calibration windows the `add_calibration_args` options ask for, drawn with CALIBRATION_SEED."""
+    return calibration_windows(
+        lm.tokenizer,
+        args.calib_corpus,
+        args.calib_samples,
+        args.calib_seqlen,
+        CALIBRATION_SEED,
+        args.calib_sampler,
+    )
+
+
+def calibration_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the calibration windows came from, as the records store it."""
+    return {
+        "corpus": args.calib_corpus,
+        "split": "train",
+        "seed": CALIBRATION_SEED,
+        "sampler": args.calib_sampler,
+    }
 
 
 def show_progress(args: argparse.Namespace) -> bool:

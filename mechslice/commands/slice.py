@@ -9,8 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from mechslice import distributed
-from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args, show_progress
-from mechslice.corpora import CALIBRATION_SEED, SAMPLERS, calibration_windows
+from mechslice.commands._common import (
+    add_calibration_args,
+    add_model_args,
+    calibration_fields,
+    calibration_from_args,
+    emit,
+    model_fields,
+    model_from_args,
+    show_progress,
+)
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel, load_model
 from mechslice.slicing import save_sliced, slice_model, sliced_width
@@ -25,22 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(parser)
     parser.add_argument("--sparsity", type=float, required=True, help="fraction s of d to remove, in [0, 1)")
     parser.add_argument("--rotation", choices=ROTATIONS, default="per-layer", help="default per-layer")
-    parser.add_argument(
-        "--calib-corpus", default="wiki", help="wiki, wikitext2:PATH or text:PATH (train split)"
-    )
-    parser.add_argument(
-        "--calib-sampler",
-        choices=SAMPLERS,
-        default="slicegpt",
-        help="slicegpt (default: whole documents from a seeded random start, none reused) or offsets",
-    )
+    add_calibration_args(parser)
     parser.add_argument(
         "--slice-head",
         action="store_true",
         help="also cut the last MLP output, final norm and head to d' (SliceGPT's default keeps them at d)",
     )
-    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    parser.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     parser.add_argument(
         "--round-to", type=int, default=8, help="round d' down to a multiple of R (default 8)"
     )
@@ -64,14 +62,7 @@ def run(args: argparse.Namespace) -> int:
         )
     lm = _model(args)
     sliced_width(lm.dims.d, args.sparsity, args.round_to)  # reject bad input before calibrating
-    calib = calibration_windows(
-        lm.tokenizer,
-        args.calib_corpus,
-        args.calib_samples,
-        args.calib_seqlen,
-        CALIBRATION_SEED,
-        args.calib_sampler,
-    )
+    calib = calibration_from_args(args, lm)
     start = time.perf_counter()
     record = slice_model(
         lm,
@@ -83,9 +74,7 @@ def run(args: argparse.Namespace) -> int:
         progress=show_progress(args),
         slice_head=args.slice_head,
     )
-    record.calibration.update(
-        corpus=args.calib_corpus, split="train", seed=CALIBRATION_SEED, sampler=args.calib_sampler
-    )
+    record.calibration.update(calibration_fields(args))
     seconds = time.perf_counter() - start
     save_sliced(lm, record, args.out, overwrite=args.overwrite)
     payload = {

@@ -13,9 +13,6 @@ and read back through a valid placeholder width; plain `from_pretrained` works w
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -36,6 +33,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from mechslice import distributed
 from mechslice.adapters import ArchAdapter, adapter_for
+from mechslice.atomic import atomic_write_folder
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel
 from mechslice.slicing.layers import SHORTCUTS, install_shortcut
@@ -45,38 +43,34 @@ from mechslice.slicing.slicer import SlicingRecord
 RECORD = "slicing.json"
 
 
-def save_sliced(lm: LoadedModel, record: SlicingRecord, out: Path, overwrite: bool = False) -> Path:
+def save_sliced(
+    lm: LoadedModel,
+    record: SlicingRecord,
+    out: Path,
+    overwrite: bool = False,
+    extra: dict[str, str] | None = None,
+) -> Path:
     """Write the sliced model, its tokenizer and `slicing.json` to `out`, atomically.
 
-    Under torchrun every rank holds the same sliced model: rank 0 writes, the others wait until it is written.
+    `extra` maps file names to further text documents written into the folder before `slicing.json` (e.g. the
+    pruning record). Under torchrun every rank holds the same sliced model: rank 0 writes, the others wait.
     """
     out = Path(out)
-    distributed.on_main(lambda: _save(lm, record, out, overwrite))
+    distributed.on_main(lambda: _save(lm, record, out, overwrite, extra or {}))
     return out
 
 
-def _save(lm: LoadedModel, record: SlicingRecord, out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise MechsliceError(
-            f"output folder '{out}' exists; pass --overwrite to replace it or choose another"
-        )
+def _save(lm: LoadedModel, record: SlicingRecord, out: Path, overwrite: bool, extra: dict[str, str]) -> None:
     lm.reset_bridge()  # slicing and saving act on the plain HF modules
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        _save_weights_and_config(lm, tmp)
-        lm.tokenizer.save_pretrained(tmp)
-        (tmp / RECORD).write_text(record.to_json())  # last: its presence marks a complete folder
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def write(folder: Path) -> None:
+        _save_weights_and_config(lm, folder)
+        lm.tokenizer.save_pretrained(folder)
+        for name, text in extra.items():
+            (folder / name).write_text(text)
+        (folder / RECORD).write_text(record.to_json())  # last: its presence marks a complete folder
+
+    atomic_write_folder(out, write, overwrite)
 
 
 def _save_weights_and_config(lm: LoadedModel, folder: Path) -> None:

@@ -84,18 +84,25 @@ class SlicingRecord:
 
 def sliced_width(d: int, sparsity: float, round_to: int = 8) -> int:
     """d' = floor((1-s) d / r) * r, with the input checks every entry point shares."""
+    return kept_size(d, sparsity, round_to, "d")
+
+
+def kept_size(n: int, sparsity: float, round_to: int, symbol: str, minimum: int = 1, why: str = "") -> int:
+    """n' = floor((1-s) n / r) * r units of an axis named `symbol` kept (d, m, v, L), refused below `minimum`."""
     if not 0.0 <= sparsity < 1.0 or math.isnan(sparsity):
         raise MechsliceError(f"sparsity must lie in [0, 1), got {sparsity}; e.g. --sparsity 0.25")
     if round_to < 1:
         raise MechsliceError(f"round_to must be at least 1, got {round_to}; use 1 for no rounding")
     # round(., 6) keeps (1-s)d = 460.8 from becoming 460.79999 and flooring one multiple too low
-    d_prime = math.floor(round((1.0 - sparsity) * d, 6) / round_to) * round_to
-    if d_prime < 1:
+    kept = math.floor(round((1.0 - sparsity) * n, 6) / round_to) * round_to
+    if kept < max(minimum, 1):
+        floor = f", fewer than the {minimum} {why}" if minimum > 1 else ""
+        smaller = " or a smaller --round-to" if round_to > 1 else ""
         raise MechsliceError(
-            f"sparsity {sparsity} leaves d' = {d_prime} of d = {d} after rounding down to a multiple of "
-            f"{round_to}; use a smaller sparsity or a smaller --round-to"
+            f"sparsity {sparsity} leaves {symbol}' = {kept} of {symbol} = {n} after rounding down to a multiple "
+            f"of {round_to}{floor}; use a smaller sparsity{smaller}"
         )
-    return d_prime
+    return kept
 
 
 def _versions() -> dict[str, str]:
