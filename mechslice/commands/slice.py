@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mechslice import distributed
+from mechslice.checks import check_output_dir, check_seqlen
 from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args, show_progress
 from mechslice.corpora import CALIBRATION_SEED, SAMPLERS, calibration_windows
 from mechslice.errors import MechsliceError
@@ -58,12 +59,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Slice and save; print a summary (one JSON object with --json)."""
+    check_output_dir(args.out, "--out")
     if args.out.exists() and not args.overwrite:
         raise MechsliceError(
             f"output folder '{args.out}' exists; pass --overwrite to replace it or choose another"
         )
     lm = _model(args)
     sliced_width(lm.dims.d, args.sparsity, args.round_to)  # reject bad input before calibrating
+    check_seqlen(args.calib_seqlen, lm.model.config.max_position_embeddings, "--calib-seqlen")
     calib = calibration_windows(
         lm.tokenizer,
         args.calib_corpus,
