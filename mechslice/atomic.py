@@ -13,6 +13,7 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,14 @@ def _writer_alive(pid: int) -> bool:
     return True
 
 
-def remove_leftovers(folder: Path, prefix: str, suffix: str = "") -> list[str]:
+def remove_leftovers(folder: Path, prefixes: Sequence[str], suffix: str = "") -> list[str]:
     """Remove the entries `<prefix><pid>-*<suffix>` in `folder` whose writer is gone (files or folders), and
     any `<prefix>*<suffix>` without a pid (written before names carried one); warn once naming them."""
     if not folder.is_dir():
         return []
-    pattern = re.compile(re.escape(prefix) + r"(?:(\d+)-)?.*" + re.escape(suffix) + "$")
+    starts = "|".join(re.escape(prefix) for prefix in prefixes)
+    # tempfile's names end in 8 characters of [a-z0-9_]: anything else is another file, left alone
+    pattern = re.compile(f"(?:{starts})" + r"(?:(\d+)-)?[a-z0-9_]{8}" + re.escape(suffix) + "$")
     removed = []
     for entry in sorted(folder.iterdir()):
         match = pattern.match(entry.name)
@@ -57,7 +60,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` to a temporary file beside `path`, fsync it, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(path.parent, f".{path.name}.", ".tmp")
+    remove_leftovers(path.parent, [f".{path.name}."], ".tmp")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

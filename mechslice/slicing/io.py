@@ -66,8 +66,8 @@ def _save(lm: LoadedModel, record: SlicingRecord, out: Path, overwrite: bool) ->
         )
     lm.reset_bridge()  # slicing and saving act on the plain HF modules
     out.parent.mkdir(parents=True, exist_ok=True)
-    for kind in ("partial", "old"):  # what a hard-killed save left behind; never a complete folder
-        remove_leftovers(out.parent, f".{out.name}.{kind}-")
+    # what a hard-killed save left behind; never a complete folder
+    remove_leftovers(out.parent, [f".{out.name}.partial-", f".{out.name}.old-"])
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         _save_weights_and_config(lm, tmp)
