@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -21,7 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
+from mechslice.checks import available_memory
 from mechslice.cli import main
+from mechslice.commands.trace import TRACE_BYTES_PER_SCORE, check_trace_memory
+from mechslice.errors import MechsliceError
 from mechslice.loading import load_model
 from tests.conftest import tiny_llama_config
 
@@ -83,7 +87,7 @@ ROWS: list = [
     (["slice", "--model", "{tiny}", "--sparsity", "0.2", "--calib-samples", "0", "--calib-seqlen", "32", "--out", "{tmp}/o"], "at least 1 sample"),
     (["slice", "--model", "{tiny}", "--sparsity", "0.2", "--calib-seqlen", "100000", "--out", "{tmp}/o"], "--calib-seqlen 100000"),
     (["slice", "--model", "{tiny}", "--sparsity", "0.2", "--device-map", "/no/map.json", "--out", "{tmp}/o"], "device map"),
-    (["slice", "--model", "{tiny}", "--sparsity", "0.2", "--batch-size", "0", *FIT_ROWS, "--out", "{tmp}/o"], "batch_size"),
+    (["slice", "--model", "{tiny}", "--sparsity", "0.2", "--batch-size", "0", *FIT_ROWS, "--out", "{tmp}/o"], "--batch-size 0"),
     (["slice", "--model", "{tiny}", "--sparsity", "0.2", "--rotation", "bogus", "--out", "{tmp}/o"], "invalid choice"),
     # sweep: everything refused before the model is loaded or the dense model evaluated
     (["sweep", "--model", "{tiny}", "--sparsities", "0,abc", "--out", "{tmp}/o"], "not a comma-separated list"),
@@ -102,6 +106,15 @@ ROWS: list = [
     ([*TINY_SWEEP, "--model", "{tiny}", "--calib-seqlen", "1000", "--out", "{tmp}/o"], "--calib-seqlen 1000"),
     ([*TINY_SWEEP, "--model", "{tiny}", "--dtype", "bfloat16", "--resume", "--out", "{sweep}"], "computed in float32"),
     (["sweep", "--quick", "--probe-tokens", "512", "--out", "{tmp}/o"], "needs more tokens than the width d = 576"),
+    # checked before the model is loaded: a model that does not exist is not reached
+    (["slice", "--model", "no-such-model", "--sparsity", "0.2", "--out", "{file}/o"], "is a file"),
+    (["slice", "--model", "no-such-model", "--sparsity", "0.2", "--batch-size", "0", "--out", "{tmp}/o"], "--batch-size 0"),
+    (["sweep", "--model", "no-such-model", "--out", "{file}"], "is a file, not a folder"),
+    (["sweep", "--model", "no-such-model", "--mc-limit", "0", "--out", "{tmp}/o"], "limit must be at least 1"),
+    (["entropy", "--model", "no-such-model", "--html", "{file}/x.html"], "is a file"),
+    (["mc", "--model", "no-such-model", "--task", "piqa", "--batch-size", "0"], "--batch-size 0"),
+    (["trace", "--model", "no-such-model", "--batch-size", "0"], "--batch-size 0"),
+    (["info", "--model", "no-such-model", "--device", "tpu"], "unknown device"),
     # trace
     (["trace", "--model", "{tiny}", "--text", ""], "--text is empty"),
     (["trace", "--model", "{tiny}", "--text", LONG_TEXT], "more than the model's context of 512"),
@@ -304,3 +317,29 @@ def test_argparse_error_in_a_real_process_is_one_line() -> None:
     assert proc.stderr.splitlines() == [
         "error: argument --sparsity: invalid float value: 'abc'; see `mechslice slice --help`"
     ]
+
+
+def test_a_trace_too_big_for_the_memory_left_is_refused(places: dict[str, Path]) -> None:
+    """One window long enough that batch x heads x n^2 scores exceed the RAM available now: refused, not run."""
+    lm = load_model(str(places["tiny"]), device="cpu", dtype=torch.float32)
+    per_token_pair = lm.dims.h_attn * TRACE_BYTES_PER_SCORE
+    n = math.isqrt(available_memory(torch.device("cpu")) // per_token_pair) + 1
+    with pytest.raises(MechsliceError, match=r"GB for the attention scores, more than the .* GB available"):
+        check_trace_memory(lm, torch.zeros((1, n), dtype=torch.long), batch_size=1)
+    check_trace_memory(lm, torch.zeros((4, TINY_CONTEXT), dtype=torch.long), batch_size=4)  # what fits runs
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder, so none is unwritable for it")
+def test_a_folder_without_write_permission_is_refused(
+    places: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    rows = [
+        ["slice", "--model", str(places["tiny"]), "--sparsity", "0.2", "--out", str(locked / "o")],
+        ["sweep", "--model", str(places["tiny"]), "--out", str(locked)],
+        ["report", str(places["sweep"]), "--out", str(locked / "r.html")],
+    ]
+    for argv in rows:
+        assert main(argv) == 2
+        assert capsys.readouterr().err.startswith("error: ") and list(locked.iterdir()) == []

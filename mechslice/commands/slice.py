@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mechslice import distributed
-from mechslice.checks import check_output_dir, check_seqlen
+from mechslice.checks import check_at_least, check_output_dir, check_seqlen
 from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args, show_progress
 from mechslice.corpora import CALIBRATION_SEED, SAMPLERS, calibration_windows
 from mechslice.errors import MechsliceError
@@ -60,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Slice and save; print a summary (one JSON object with --json)."""
     check_output_dir(args.out, "--out")
+    check_at_least(args.batch_size, 1, "--batch-size")
     if args.out.exists() and not args.overwrite:
         raise MechsliceError(
             f"output folder '{args.out}' exists; pass --overwrite to replace it or choose another"
