@@ -13,6 +13,7 @@ from jaxtyping import Float
 from analyses.entropy import RANK, LayerEntropy
 from analyses.layer_entropy import EntropySweep
 from analyses.layer_plots import layer_curves, spectrum_lines
+from mechslice.atomic import atomic_write_text
 
 
 def entropy_curves(sweep: EntropySweep, estimator: str) -> go.Figure:
@@ -76,10 +77,10 @@ def stage_norms(table: Iterable[Mapping[str, Any]], stages: Iterable[str] | None
 
 
 def entropy_report_html(sweep: EntropySweep, path: Path) -> Path:
-    """One self-contained (offline) HTML file: entropy curves of every estimator and the eigenvalue spectra."""
+    """One self-contained (offline) HTML file, written atomically: entropy curves of every estimator and the
+    eigenvalue spectra (left out when too few tokens were traced for a spectrum)."""
     estimators = [*sweep.results[0].summary.layers[0].estimators, RANK] if sweep.results else []
-    figures = [entropy_curves(sweep, e) for e in estimators] + [eigenvalue_spectra(sweep.spectra)]
+    figures = [entropy_curves(sweep, e) for e in estimators]
+    figures += [eigenvalue_spectra(sweep.spectra)] if sweep.spectra else []
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("<html><body>\n" + "\n".join(parts) + "\n</body></html>\n")
-    return path
+    return atomic_write_text(path, "<html><body>\n" + "\n".join(parts) + "\n</body></html>\n")

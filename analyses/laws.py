@@ -16,8 +16,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import numpy as np
 from analyses.entropy import BIASED_IN_D, RatioSignal, ratio_signal
 from analyses.fits import LineFit, fit_line
 from mechslice import distributed
+from mechslice.atomic import atomic_write_text
 from mechslice.errors import MechsliceError
 
 RESULTS_FILE = "results.json"
@@ -138,6 +137,11 @@ def validate_results(results: object, where: str = RESULTS_FILE) -> dict[str, An
 def load_results(directory: str | Path) -> dict[str, Any]:
     """Read and validate `directory/results.json`; a clear error for a missing folder or file, or bad JSON."""
     folder = Path(directory)
+    if folder.is_file():
+        hint = f"; pass its folder {folder.parent}" if folder.name == RESULTS_FILE else ""
+        raise MechsliceError(
+            f"{folder} is a file, not a results folder{hint}; pass the --out folder of a sweep (it holds {RESULTS_FILE})"
+        )
     if not folder.is_dir():
         raise MechsliceError(f"results folder {folder} does not exist; pass the --out folder of a sweep")
     path = folder / RESULTS_FILE
@@ -493,18 +497,6 @@ def fit_results(results: dict[str, Any], acc_key: str = "acc") -> FitTable:
 # ---------------------------------------------------------------- writing fits.json / fits.csv
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write `text` to a temp file in the same folder, then os.replace onto `path`: no half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 ANCHORED_CSV = ("a", "a_ci_low", "a_ci_high", "rmse", "loo_rmse", "dof", "sigma")
 
 
@@ -583,8 +575,8 @@ def write_fits(table: FitTable, directory: str | Path) -> tuple[Path, Path]:
     writer.writerows({**_name_cells(k, table.acc_key), "not_fitted": why} for k, why in table.skipped.items())
 
     def write() -> None:
-        _atomic_write(json_path, json.dumps(table.to_dict(), indent=2, allow_nan=False) + "\n")
-        _atomic_write(csv_path, buf.getvalue())
+        atomic_write_text(json_path, json.dumps(table.to_dict(), indent=2, allow_nan=False) + "\n")
+        atomic_write_text(csv_path, buf.getvalue())
 
     distributed.on_main(write)  # under torchrun only rank 0 writes; the others wait for it
     return json_path, csv_path

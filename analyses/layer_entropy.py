@@ -34,6 +34,16 @@ def check_estimators(names: Iterable[str], include_knn: bool = False) -> tuple[s
     return check_ratio_estimators(tuple(names), include_knn)
 
 
+def check_gaussian_rows(estimators: Iterable[str], rows: int, d: int, flag: str) -> None:
+    """Refuse up front a Gaussian estimate from `rows` <= d token rows (a singular covariance), naming `flag`,
+    the option that sets the row count."""
+    if "gaussian" in estimators and rows <= d:
+        raise MechsliceError(
+            f"the gaussian estimator needs more tokens than the width d = {d} (the covariance is singular "
+            f"otherwise), got {rows}; raise {flag} above {d} or leave gaussian out of --estimators"
+        )
+
+
 def residual_samples(
     lm: LoadedModel,
     windows: Int[Tensor, "w seqlen"],
@@ -114,8 +124,10 @@ def entropy_sweep(
     `include_knn` are those of `layer_entropy_summary`.
     """
     estimators = check_estimators(estimators, include_knn)
+    check_gaussian_rows(estimators, max_rows, lm.dims.d, "the number of samples")
     dense = residual_samples(lm, windows, max_rows, layers, batch_size)
-    spectra = {i: covariance_spectrum(x) for i, x in dense.items()}
+    # the spectra need n > d; with fewer rows (estimators other than gaussian) the figure has none to show
+    spectra = {i: covariance_spectrum(x) for i, x in dense.items() if x.shape[0] > x.shape[1]}
     slicer = Slicer(lm, calib, rotation, progress=False)
     lm.reset_bridge()
     results = []

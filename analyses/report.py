@@ -55,6 +55,7 @@ from analyses.report_text import (
 )
 from mechslice import distributed
 from mechslice.atomic import atomic_write_text
+from mechslice.checks import check_output_file
 from mechslice.errors import MechsliceError
 from mechslice.loading import describe_model
 
@@ -494,7 +495,6 @@ def build_report(directory: str | Path, out: str | Path | None = None, acc_key: 
     folder = Path(directory)
     results = load_results(folder)
     path = Path(out) if out is not None else folder / REPORT_FILE
-    if path.is_dir():
-        raise MechsliceError(f"cannot write the report to {path}: it is a folder; give a file path to --out")
+    check_output_file(path, "the report path (--out)")
     distributed.on_main(lambda: atomic_write_text(path, render_report(results, folder, acc_key)))
     return path  # under torchrun only rank 0 renders and writes; the others wait for it

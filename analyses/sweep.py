@@ -21,15 +21,17 @@ from tqdm.auto import tqdm
 
 from analyses.entropy import RANK, SIGNAL, STREAMS, RatioSignal, finite_or_none, layer_entropy_summary
 from analyses.laws import check_same_model, load_results, results_dtype
-from analyses.layer_entropy import check_estimators, residual_samples
+from analyses.layer_entropy import check_estimators, check_gaussian_rows, residual_samples
 from analyses.shift import ShiftAccumulator
 from mechslice import distributed
 from mechslice.atomic import atomic_write_json
+from mechslice.checks import check_output_dir, check_seqlen
 from mechslice.corpora import CALIBRATION_SEED, calibration_windows, corpus_tokens, eval_windows
 from mechslice.errors import MechsliceError
 from mechslice.lmeval import MC_BACKENDS, harness_mc, require_lm_eval
 from mechslice.loading import LoadedModel, default_device, load_model
 from mechslice.mc import TASKS, MCResult, evaluate_mc
+from mechslice.mc.tasks import check_limit
 from mechslice.perplexity import evaluate_perplexity, sdpa_attention
 from mechslice.precision import AUTO, DTYPES, dtype_name, resolve_dtype
 from mechslice.slicing import Slicer, slice_model, sliced_width
@@ -130,8 +132,17 @@ def check_settings(settings: SweepSettings) -> None:
         raise MechsliceError(f"unknown MC backend '{settings.mc_backend}'; use {' or '.join(MC_BACKENDS)}")
     if settings.mc_backend == "lm-eval" and any(t != PPL for t in settings.tasks):
         require_lm_eval()
+    check_limit(settings.mc_limit)
     if settings.probe_tokens < settings.probe_seqlen:
-        raise MechsliceError("--probe-tokens must cover at least one probe window of --probe-seqlen tokens")
+        raise MechsliceError(
+            f"--probe-tokens {settings.probe_tokens} is less than one probe window of {settings.probe_seqlen} "
+            f"tokens; pass --probe-tokens {settings.probe_seqlen} or more"
+        )
+
+
+def probe_token_count(settings: SweepSettings) -> int:
+    """Tokens entropy and output shift are measured on: whole probe windows within --probe-tokens."""
+    return settings.probe_tokens // settings.probe_seqlen * settings.probe_seqlen
 
 
 def model_fingerprint(lm: LoadedModel) -> str:
@@ -290,6 +301,7 @@ def run_sweep(
     are sharded and reduced inside `slice_model` / `Slicer` / the evaluators; only rank 0 writes files.
     """
     check_settings(settings)
+    check_output_dir(out_dir, "--out")
     dtype, _ = resolve_dtype(settings.dtype, device or default_device())
     settings = replace(settings, dtype=dtype_name(dtype))
 
@@ -299,6 +311,14 @@ def run_sweep(
     dense = load()
     for s in settings.sparsities:
         sliced_width(dense.dims.d, s, settings.round_to)  # refuse an s leaving d' < 1 before any work
+    check_gaussian_rows(settings.estimators, probe_token_count(settings), dense.dims.d, "--probe-tokens")
+    context = dense.model.config.max_position_embeddings
+    for seqlen, flag in (
+        (settings.calib_seqlen, "--calib-seqlen"),
+        (settings.ppl_seqlen, "--seqlen"),
+        (settings.probe_seqlen, "the probe window (probe_seqlen)"),
+    ):
+        check_seqlen(seqlen, context, flag)
     fingerprint = model_fingerprint(dense)
     results = _start(out_dir, settings, dense.name, fingerprint, resume)
     done = {rec["sparsity"] for rec in results["records"]}

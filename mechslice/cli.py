@@ -12,7 +12,9 @@ import importlib
 import os
 import pkgutil
 import sys
+import warnings
 from collections.abc import Iterator
+from typing import NoReturn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -21,9 +23,21 @@ from mechslice import commands, distributed
 from mechslice.errors import MechsliceError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose own errors (a bad number, an unknown choice) are ours: one `error:` line, exit 2, no usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise MechsliceError(f"{message}; see `{self.prog} --help`")
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    """A Python warning as one `warning: ...` line on stderr, without its source line."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The parser with every subcommand found in `mechslice.commands`."""
-    parser = argparse.ArgumentParser(prog="mechslice", description=__doc__.splitlines()[0])
+    """The parser with every subcommand found in `mechslice.commands` (each built as a `_Parser` too)."""
+    parser = _Parser(prog="mechslice", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Discovered rather than listed so that adding a command is adding one module, with no shared list to edit.
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
@@ -38,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     Under torchrun (WORLD_SIZE > 1) it joins the process group first and leaves it at the end; only rank 0
     prints results on stdout (errors still go to every rank's stderr).
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
+        args = build_parser().parse_args(argv)
         with _one_process_group(), _stdout_on_rank0():
             return int(args.func(args) or 0)
     except MechsliceError as err:

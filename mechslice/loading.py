@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,6 +23,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from mechslice.adapters import ArchAdapter, Dims, adapter_for, adapter_for_type
+from mechslice.checks import check_device
 from mechslice.errors import MechsliceError
 from mechslice.precision import AUTO, resolve_dtype
 
@@ -147,6 +148,8 @@ def load_model(
     ignored); "disk" layers are written to `offload_folder` and streamed in at each forward pass.
     """
     device = None if device_map is not None else device or default_device()  # None: keep the map's placement
+    if device is not None:
+        check_device(device)
     dtype, _ = resolve_dtype(dtype, device or default_device())
     if source in _EMBEDDED:
         folder = _cached_embedded(source)
@@ -224,13 +227,52 @@ def _load_folder(
     except (ValueError, OSError, KeyError) as err:
         raise MechsliceError(f"could not read config in '{path}': {err}") from err
     adapter_for(config)
+    _refuse_sliced_without_record(path)
     try:
         placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, output_loading_info=True, **placement
+        )
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (ValueError, OSError, RuntimeError) as err:
         raise MechsliceError(f"could not load model folder '{path}': {err}") from err
+    _refuse_partial_load(path, info)
     return model, tokenizer
+
+
+def _refuse_sliced_without_record(path: Path) -> None:
+    """Refuse a folder holding a per-layer slice's shortcut matrices but no slicing.json (a damaged copy): read
+    as a plain model it would fail on its widths or, worse, load without the shortcuts."""
+    from safetensors import SafetensorError, safe_open
+
+    from mechslice.slicing.layers import SHORTCUTS
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                sliced = any(key.endswith(SHORTCUTS) for key in f.keys())  # noqa: SIM118
+        except (SafetensorError, OSError):
+            continue  # a damaged file: from_pretrained says what is wrong with it
+        if sliced:
+            raise MechsliceError(
+                f"'{path}' holds the shortcut matrices of a sliced model but no slicing.json (an incomplete or "
+                "edited copy); slice the model again"
+            )
+
+
+def _refuse_partial_load(path: Path, info: dict[str, Any]) -> None:
+    """Refuse a folder whose weights do not match its config: transformers would fill a missing tensor at
+    random and drop an unexpected one with a log line, and the model would give different numbers silently."""
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    problems = [
+        f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected))
+        if keys
+    ]
+    if problems:
+        raise MechsliceError(
+            f"the weights in '{path}' do not match its config.json ({'; '.join(problems)}); restore the folder"
+        )
 
 
 def _cached_embedded(name: str) -> Path:

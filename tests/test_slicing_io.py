@@ -62,6 +62,11 @@ def test_missing_or_reshaped_weight_is_refused(tokenizer, tmp_path):
     tensors = load_file(out / "model.safetensors")
     del tensors["model.layers.1.mlp.down_proj.weight"]
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MechsliceError, match="sha256 does not match"):
+        load_model(str(out), device="cpu")
+    record = json.loads((out / "slicing.json").read_text())
+    del record["checksums"]  # as a folder saved before checksums: the strict load still refuses it
+    (out / "slicing.json").write_text(json.dumps(record))
     with pytest.raises(MechsliceError, match=r"missing: model\.layers\.1\.mlp\.down_proj\.weight"):
         load_model(str(out), device="cpu")
 

@@ -17,6 +17,7 @@ from mechslice.errors import MechsliceError
 from mechslice.loading import load_model
 from mechslice.precision import dtype_name, resolve_dtype
 from tests.conftest import tiny_llama_config
+from tests.test_leftovers import DEAD_PID
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +216,35 @@ def test_quick_sweep_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert records[-1]["tasks"]["arc_easy"]["n"] == 8
     assert Path(payload["report"]).exists() and Path(payload["fits"]).exists()
     assert payload["dtype"] == json.loads((tmp_path / RESULTS).read_text())["settings"]["dtype"] != "auto"
+
+
+def test_leftovers_of_a_killed_sweep_are_removed_and_the_resumed_results_are_identical(
+    tiny_folder: Path, corpus: str, tmp_path: Path
+) -> None:
+    """Killed while writing s = 0.25: a 0-byte and a half-written temp results file and a temp spectra file.
+    The resumed run removes them, never reads them, and ends with exactly the uninterrupted run's numbers."""
+    settings = _settings(corpus, sparsities=(0.0, 0.25))
+
+    def sweep(out: Path, resume: bool = False) -> list[dict]:
+        records = run_sweep(settings, out, str(tiny_folder), "cpu", resume, False, lambda _: None)["records"]
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+    whole = sweep(tmp_path / "whole")
+    killed = tmp_path / "killed"
+    (killed / "spectra").mkdir(parents=True)
+    on_disk = json.loads((tmp_path / "whole" / RESULTS).read_text())
+    (killed / RESULTS).write_text(json.dumps({**on_disk, "records": on_disk["records"][:1]}))
+    stale = [
+        killed / ".results.json.k3j5l2m1.tmp",
+        killed / f".results.json.{DEAD_PID}-x1y2z3w4.tmp",
+        killed / "spectra" / f".s0.250.json.{DEAD_PID}-q9w8e7r6.tmp",
+    ]
+    stale[0].write_text("")
+    stale[1].write_text(json.dumps(on_disk)[:500])
+    stale[2].write_text("[")
+    with pytest.warns(UserWarning, match="leftover"):
+        resumed = sweep(killed, resume=True)
+    assert not any(p.exists() for p in stale)
+    assert resumed == whole
+    for name in ("spectra/s0.250.json",):
+        assert (killed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()

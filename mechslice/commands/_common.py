@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 from mechslice import distributed
+from mechslice.checks import check_device, check_seqlen
 from mechslice.corpora import CALIBRATION_SEED, SAMPLERS, calibration_windows
+from mechslice.errors import MechsliceError
 from mechslice.loading import DEFAULT_MODEL, LoadedModel, default_device, describe_model, load_model
 from mechslice.precision import AUTO, DTYPES, dtype_name, resolve_dtype
 
@@ -22,7 +24,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--model", default=DEFAULT_MODEL, help=f"model name, GGUF file or folder ({DEFAULT_MODEL})"
     )
     parser.add_argument(
-        "--device", default=None, help="torch device (default: cuda when available, else cpu)"
+        "--device", type=_device, default=None, help="torch device (default: cuda when available, else cpu)"
     )
     parser.add_argument(
         "--dtype",
@@ -31,6 +33,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="compute dtype (default auto: bfloat16 where the device has bf16 matrix units, else float32)",
     )
     add_json_arg(parser)
+
+
+def _device(name: str) -> str:
+    """`--device` as given, refused at parse time when this machine has no such device."""
+    try:
+        check_device(name)
+    except MechsliceError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return name
 
 
 def add_json_arg(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +66,7 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
 
 def calibration_from_args(args: argparse.Namespace, lm: LoadedModel) -> torch.Tensor:
     """The calibration windows the `add_calibration_args` options ask for, drawn with CALIBRATION_SEED."""
+    check_seqlen(args.calib_seqlen, lm.model.config.max_position_embeddings, "--calib-seqlen")
     return calibration_windows(
         lm.tokenizer,
         args.calib_corpus,

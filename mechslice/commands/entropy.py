@@ -11,7 +11,8 @@ from torch import Tensor
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from analyses.entropy import RANK, RATIO_ESTIMATORS, SIGNAL, STREAMS
-from analyses.layer_entropy import check_estimators, entropy_sweep
+from analyses.layer_entropy import check_estimators, check_gaussian_rows, entropy_sweep
+from mechslice.checks import check_output_file, check_seqlen
 from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args
 from mechslice.commands.trace import add_token_args, token_windows
 from mechslice.corpora import CALIBRATION_SEED, calibration_windows
@@ -60,9 +61,10 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
 
 
 def calibration_from_args(
-    tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace
+    tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace, context: int
 ) -> Int[Tensor, "n seqlen"]:
     """The seeded calibration windows named by --calib-corpus, --calib-samples, --calib-seqlen."""
+    check_seqlen(args.calib_seqlen, context, "--calib-seqlen")
     return calibration_windows(
         tokenizer, args.calib_corpus, args.calib_samples, args.calib_seqlen, CALIBRATION_SEED
     )
@@ -71,17 +73,21 @@ def calibration_from_args(
 def run(args: argparse.Namespace) -> int:
     """Slice at each sparsity, estimate per-layer entropies, print (and optionally plot) them."""
     estimators = check_estimators(args.estimators, args.include_knn)
+    if args.html is not None:
+        check_output_file(args.html, "--html")
     lm = model_from_args(args)
     for s in args.sparsities:
         sliced_width(lm.dims.d, s)  # reject a bad sparsity before any work
-    windows = token_windows(lm.tokenizer, args)
+    windows = token_windows(lm.tokenizer, args, lm.model.config.max_position_embeddings)
     samples = windows.numel() if args.samples is None else args.samples
     if not 1 <= samples <= windows.numel():
         raise MechsliceError(
             f"--samples {samples} is not in 1..{windows.numel()}, the number of tokens traced; "
             "ask for fewer samples or more --max-tokens"
         )
-    calib = calibration_from_args(lm.tokenizer, args)
+    sets_rows = "--samples" if args.samples is not None else "--max-tokens" if args.text is None else "--text"
+    check_gaussian_rows(estimators, samples, lm.dims.d, sets_rows)  # before calibrating
+    calib = calibration_from_args(lm.tokenizer, args, lm.model.config.max_position_embeddings)
     sweep = entropy_sweep(
         lm,
         args.sparsities,

@@ -21,6 +21,7 @@ from analyses.laws import (
     load_results,
     write_fits,
 )
+from mechslice.checks import check_output_dir
 from mechslice.commands._common import add_json_arg, emit
 
 
@@ -92,6 +93,7 @@ def format_table(payload: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     """Refit DIR/results.json, write DIR/fits.json and DIR/fits.csv, print the table."""
     results = load_results(args.dir)
+    check_output_dir(args.dir, "DIR")  # fits.json and fits.csv go beside results.json
     table = fit_results(results, acc_key=args.acc_key)
     paths = write_fits(table, args.dir)
     payload = table.to_dict()

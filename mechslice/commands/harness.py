@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mechslice.checks import check_at_least
 from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args, show_progress
 from mechslice.lmeval import (
     INSTALL,
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     """Check the tasks, load the model, run the harness and print each task's metrics."""
     require_lm_eval()
     check_limit(args.limit)
+    check_at_least(args.batch_size, 1, "--batch-size")
     check_tasks(
         task_manager(tuple(args.include_path)), args.tasks
     )  # refuse bad input before loading the model

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mechslice.checks import check_at_least
 from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args, show_progress
 from mechslice.mc import DEFAULT_SPLITS, evaluate_mc
 from mechslice.mc.tasks import check_limit, task_spec
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate the model on the task and print the accuracies."""
     task_spec(args.task)  # refuse bad input before loading the model
     check_limit(args.limit)
+    check_at_least(args.batch_size, 1, "--batch-size")
     loaded = model_from_args(args)
     result = evaluate_mc(
         loaded.model,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from mechslice.checks import check_at_least, check_seqlen
 from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args, show_progress
 from mechslice.corpora import corpus_tokens, eval_windows
-from mechslice.errors import MechsliceError
 from mechslice.perplexity import evaluate_perplexity
 
 
@@ -30,12 +30,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print perplexity (one JSON object with --json)."""
-    if args.batch_size < 1:
-        raise MechsliceError(f"--batch-size {args.batch_size} must be at least 1")
+    check_at_least(args.batch_size, 1, "--batch-size")
     lm = model_from_args(args)
-    context = lm.model.config.max_position_embeddings
-    if not 2 <= args.seqlen <= context:
-        raise MechsliceError(f"--seqlen {args.seqlen} must lie in [2, {context}] (the model's context)")
+    check_seqlen(args.seqlen, lm.model.config.max_position_embeddings, "--seqlen")
     windows = eval_windows(corpus_tokens(lm.tokenizer, args.corpus, args.split), args.seqlen, args.max_tokens)
     result = evaluate_perplexity(lm.model, windows, batch_size=args.batch_size, progress=show_progress(args))
     payload = {

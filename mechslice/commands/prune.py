@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mechslice.checks import check_at_least, check_output_dir
 from mechslice.commands._common import (
     add_calibration_args,
     add_model_args,
@@ -84,6 +85,8 @@ def _options(args: argparse.Namespace) -> PruneOptions:
 
 def run(args: argparse.Namespace) -> int:
     """Prune and save; print a summary (one JSON object with --json)."""
+    check_output_dir(args.out, "--out")
+    check_at_least(args.batch_size, 1, "--batch-size")
     if args.out.exists() and not args.overwrite:
         raise MechsliceError(
             f"output folder '{args.out}' exists; pass --overwrite to replace it or choose another"

@@ -11,6 +11,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from analyses.shift import ShiftAccumulator, ShiftResult
+from mechslice.checks import check_at_least
 from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args
 from mechslice.commands.entropy import add_calibration_args, calibration_from_args
 from mechslice.commands.trace import add_token_args, token_windows
@@ -46,14 +47,13 @@ def output_shift_over(
 
 def run(args: argparse.Namespace) -> int:
     """Slice a copy of the model, compare the two output distributions, print (one JSON object with --json)."""
-    if args.batch_size < 1:
-        raise MechsliceError(f"--batch-size {args.batch_size} must be at least 1")
+    check_at_least(args.batch_size, 1, "--batch-size")
     lm = model_from_args(args)
     sliced_width(lm.dims.d, args.sparsity)  # reject a bad sparsity before calibrating
-    windows = token_windows(lm.tokenizer, args)
+    windows = token_windows(lm.tokenizer, args, lm.model.config.max_position_embeddings)
     if windows.shape[1] < 2:
         raise MechsliceError("need at least 2 tokens: each prediction is scored against the next token")
-    calib = calibration_from_args(lm.tokenizer, args)
+    calib = calibration_from_args(lm.tokenizer, args, lm.model.config.max_position_embeddings)
     sliced, record = Slicer(lm, calib, args.rotation, progress=False).sliced(args.sparsity)
     result = output_shift_over(lm.model, sliced.model, windows, args.batch_size)
     payload = {

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mechslice import distributed
+from mechslice.checks import check_at_least, check_output_dir
 from mechslice.commands._common import (
     add_calibration_args,
     add_model_args,
@@ -56,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Slice and save; print a summary (one JSON object with --json)."""
+    check_output_dir(args.out, "--out")
+    check_at_least(args.batch_size, 1, "--batch-size")
     if args.out.exists() and not args.overwrite:
         raise MechsliceError(
             f"output folder '{args.out}' exists; pass --overwrite to replace it or choose another"

@@ -13,12 +13,16 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from analyses.conformance import check_conformance
 from hooks.flow import TraceError, trace
+from mechslice.checks import available_memory, check_at_least, check_seqlen
 from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args
 from mechslice.corpora import corpus_tokens, eval_windows
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel, default_device, load_model
 
 CONFORMANCE_TOKENS = 128  # conformance recomputes every stage in float64: run it on one short window
+# Peak memory of a trace beyond the model, per element of the attention scores (batch x heads x n x n): the
+# embedded model's peak RSS grew by about 6 bytes per element from 1200 to 2400 tokens; rounded up.
+TRACE_BYTES_PER_SCORE = 8
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,13 +56,22 @@ def add_token_args(parser: argparse.ArgumentParser, default_max_tokens: int) -> 
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per corpus window (default 512)")
 
 
-def token_windows(tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace) -> Int[Tensor, "w seqlen"]:
-    """The tokens to trace: the --text as one sequence, or the first --max-tokens corpus tokens in windows."""
+def token_windows(
+    tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace, context: int
+) -> Int[Tensor, "w seqlen"]:
+    """The tokens to trace: the --text as one sequence, or the first --max-tokens corpus tokens in windows;
+    neither longer than the model's `context` (positions beyond it were never trained)."""
     if args.text is not None:
         ids = tokenizer(args.text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         if ids.numel() == 0:
             raise MechsliceError("--text is empty (no tokens); give some text or use --corpus")
+        if ids.numel() > context:
+            raise MechsliceError(
+                f"--text has {ids.numel()} tokens, more than the model's context of {context}; shorten it to "
+                f"at most {context} tokens, or trace a corpus in windows (--corpus text:FILE --seqlen {context})"
+            )
         return ids
+    check_seqlen(args.seqlen, context, "--seqlen")
     ids = corpus_tokens(tokenizer, args.corpus, args.split)
     if args.max_tokens > ids.numel():
         raise MechsliceError(
@@ -72,10 +85,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def check_trace_memory(lm: LoadedModel, windows: Int[Tensor, "w seqlen"], batch_size: int) -> None:
+    """Refuse a trace whose attention scores (batch x heads x n^2) would not fit in the memory available."""
+    rows, n = min(batch_size, windows.shape[0]), windows.shape[1]
+    need = rows * lm.dims.h_attn * n * n * TRACE_BYTES_PER_SCORE
+    free = available_memory(lm.device)
+    if need > free:
+        raise MechsliceError(
+            f"tracing {rows} x {n} tokens at once needs about {need / 1e9:.1f} GB for the attention scores, "
+            f"more than the {free / 1e9:.1f} GB available; trace shorter windows (--seqlen, or --corpus text:FILE "
+            "instead of a long --text) or fewer at once (--batch-size)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """Trace, check conformance, print the table (one JSON object with --json)."""
+    check_at_least(args.batch_size, 1, "--batch-size")
     lm = model_from_args(args)
-    windows = token_windows(lm.tokenizer, args)
+    windows = token_windows(lm.tokenizer, args, lm.model.config.max_position_embeddings)
+    check_trace_memory(lm, windows, args.batch_size)
     rss_model = peak_rss_mb()
     try:
         result = trace(lm.bridge, windows, stages=args.stages, layers=args.layers, batch_size=args.batch_size)

@@ -1,7 +1,8 @@
 """Save and load sliced models: safetensors weights, config, tokenizer and a `slicing.json` record.
 
 A folder is complete exactly when it holds `slicing.json`; it is written into a hidden temporary folder beside
-the target and renamed into place, so an interrupted save leaves nothing that looks complete. A global-mode
+the target and renamed into place, so an interrupted save leaves nothing that looks complete (the next save
+beside it removes such a leftover of a hard-killed process). `slicing.json` records each file's sha256. A global-mode
 folder is an ordinary Hugging Face model of width d'; a per-layer folder adds the shortcut matrices as
 `model.layers.<i>.attn_shortcut` / `mlp_shortcut` tensors, which `load_sliced` installs.
 
@@ -12,8 +13,10 @@ and read back through a valid placeholder width; plain `from_pretrained` works w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -68,7 +71,9 @@ def _save(lm: LoadedModel, record: SlicingRecord, out: Path, overwrite: bool, ex
         lm.tokenizer.save_pretrained(folder)
         for name, text in extra.items():
             (folder / name).write_text(text)
-        (folder / RECORD).write_text(record.to_json())  # last: its presence marks a complete folder
+        checksums = {file.name: _sha256(file) for file in sorted(folder.iterdir()) if file.is_file()}
+        # last: its presence marks a complete folder
+        (folder / RECORD).write_text(replace(record, checksums=checksums).to_json())
 
     atomic_write_folder(out, write, overwrite)
 
@@ -88,6 +93,32 @@ def _save_weights_and_config(lm: LoadedModel, folder: Path) -> None:
             UserWarning,
             stacklevel=3,
         )
+
+
+def _sha256(file: Path) -> str:
+    """Hex sha256 of a file, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify_checksums(path: Path, record: SlicingRecord) -> None:
+    """Refuse a folder whose files differ from the ones `save_sliced` wrote (truncated, edited, deleted).
+
+    A folder saved before checksums were recorded has none to check and loads as before (the strict
+    tensor-by-tensor load below still refuses missing, unexpected or reshaped weights).
+    """
+    for name, expected in record.checksums.items():
+        file = path / name
+        if not file.is_file():
+            raise MechsliceError(f"'{path}' lacks {name}, which was saved with it; slice the model again")
+        if _sha256(file) != expected:
+            raise MechsliceError(
+                f"'{file}' differs from the file saved (its sha256 does not match slicing.json): truncated or "
+                "edited; slice the model again"
+            )
 
 
 def _read_config(path: Path) -> PretrainedConfig:
@@ -150,12 +181,14 @@ def _load_strict(model: PreTrainedModel, tensors: dict[str, torch.Tensor], path:
 def load_sliced(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a folder written by `save_sliced`: the model of width d' (with its shortcuts) and the tokenizer.
 
-    The model is built from the config and filled strictly from the weight files, so a missing, extra or
-    reshaped tensor is refused instead of being initialised at random.
+    Every file is first checked against the sha256 recorded in slicing.json (`_verify_checksums`); the model is
+    then built from the config and filled strictly from the weight files, so a missing, extra or reshaped
+    tensor is refused instead of being initialised at random.
     """
     path = Path(path)
     try:
         record = SlicingRecord.from_json((path / RECORD).read_text())
+        _verify_checksums(path, record)
         config = _read_config(path)
         adapter = adapter_for(config)
         tensors = _file_tensors(path)

@@ -66,6 +66,9 @@ class SlicingRecord:
     # what the calibration forwards computed in (None: a record written before the field existed)
     dtype: str | None = None
     slice_head: bool = False  # False: SliceGPT's default, the last MLP output and the head stay at width d
+    # sha256 of every file of a saved folder by name, filled by `save_sliced` (empty: not saved, or saved before
+    # checksums were recorded: such a folder loads unchecked)
+    checksums: dict[str, str] = field(default_factory=dict)
 
     @property
     def head_width(self) -> int:
