@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,16 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from analyses.entropy import RANK, SIGNAL, STREAMS, RatioSignal, finite_or_none, layer_entropy_summary
+from analyses.entropy import (
+    RANK,
+    SIGNAL,
+    STREAMS,
+    EntropySummary,
+    RatioSignal,
+    finite_or_none,
+    layer_entropy_summary,
+    stream_spectra,
+)
 from analyses.laws import check_same_model, load_results, results_dtype
 from analyses.layer_entropy import check_estimators, residual_samples
 from analyses.shift import ShiftAccumulator
@@ -43,6 +52,8 @@ PREDATING: dict[str, Any] = {
     "include_knn": True,  # the kNN ratio entered the predictor before the flag existed
 }
 PPL = "ppl"
+# The dense record's key for each layer's covariance spectrum of the stream (`analyses.entropy.StreamSpectra`).
+STREAM_SPECTRA = "stream_spectra"
 
 
 @dataclass(frozen=True)
@@ -226,13 +237,18 @@ def residual_entropy(
         stream=settings.entropy_stream,
         include_knn=settings.include_knn,
     )
+    return entropy_record(summary, settings.estimators)
+
+
+def entropy_record(summary: EntropySummary, estimators: Sequence[str]) -> dict[str, Any]:
+    """A record's `entropy` section from the per-layer summary (the layout `residual_entropy` documents)."""
     layers = summary.layers
     out: dict[str, Any] = {
         "stream": summary.stream,
         "signal": SIGNAL,
         "d_sliced_per_layer": [layer.d_sliced for layer in layers],
     }
-    for name in settings.estimators:
+    for name in estimators:
         per = [layer.estimators[name] for layer in layers]
         out[name] = {
             "per_layer_dense": [c.H_dense for c in per],
@@ -336,6 +352,8 @@ def run_sweep(
             }
         sliced_at = time.perf_counter()
         measured, seconds = _evaluate(lm, dense, probe, settings, progress)
+        if s == 0.0 and probe.dense_samples is not None:  # what `predict --method dense` reads
+            record[STREAM_SPECTRA] = stream_spectra(probe.dense_samples, settings.entropy_stream).to_dict()
         seconds["slice"] = sliced_at - start
         seconds["total"] = time.perf_counter() - start
         results["records"].append({"sparsity": s, **record, **measured, "seconds": seconds})

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from analyses.predictors import dense_prediction
 from analyses.sweep import QUICK, RESULTS, SweepSettings, run_sweep, settings_from
 from mechslice.cli import main
 from mechslice.corpora import load_corpus
@@ -84,6 +85,16 @@ def test_sweep_records_and_resume(tiny_folder: Path, corpus: str, tmp_path: Path
     assert on_disk["records"] == records
     # the default dtype, auto, is recorded as what it resolved to on this machine
     assert on_disk["settings"]["dtype"] == dtype_name(resolve_dtype("auto", "cpu")[0])
+    # The dense record keeps each layer's covariance spectrum of the normalised stream, what the dense-only
+    # predictor reads: every normalised token has squared norm d = 64, so a spectrum sums to at most 64 n/(n-1).
+    dense_spectra = records[0]["stream_spectra"]
+    assert dense_spectra["stream"] == "normalised" and dense_spectra["tokens"] == 128
+    assert [len(lam) for lam in dense_spectra["eigenvalues"]] == [64, 64]
+    assert all(0 < sum(lam) <= 64 * 128 / 127 + 1e-9 for lam in dense_spectra["eigenvalues"])
+    at_25, at_50 = dense_prediction(on_disk).points
+    assert (at_25.d_prime, at_50.d_prime) == (48, 32)
+    assert at_50.ln_ppl_measured == pytest.approx(math.log(records[2]["ppl"]))
+    assert at_50.detail["excluded"]["1"] == "not sliced (d' = d)"  # the head is left at width d
 
     # An interrupted run: the last sparsity never finished. Resuming recomputes only that one.
     on_disk["records"] = records[:2]
