@@ -42,19 +42,23 @@ from analyses.entropy import (
     finite_or_none,
     kept_ratio,
     ratio_signal,
+    stream_spectra,
 )
 from analyses.laws import (
     DENSE_TOLERANCE,
     PPL,
     RESULTS_FILE,
+    check_same_model,
     dense_record,
     entropy_predictions,
     fit_results,
     predict,
     results_dtype,
 )
-from analyses.sweep import PREDATING, STREAM_SPECTRA, SweepSettings
+from analyses.layer_entropy import residual_samples
+from analyses.sweep import PREDATING, STREAM_SPECTRA, SweepSettings, model_fingerprint, probe_windows
 from mechslice.errors import MechsliceError
+from mechslice.loading import LoadedModel
 from mechslice.slicing import sliced_width
 from mechslice.slicing.slicer import head_width
 
@@ -385,7 +389,7 @@ def read_stream_spectra(results: dict[str, Any], where: str | Path = RESULTS_FIL
     if raw is None:
         raise MechsliceError(
             f"no dense spectra in {where}: rerun the sweep into a new folder (mechslice sweep --out NEW) to "
-            "record them"
+            "record them, or pass --model with the sweep's model to measure them in one pass"
         )
     try:
         spectra = StreamSpectra(**raw)
@@ -404,6 +408,19 @@ def read_stream_spectra(results: dict[str, Any], where: str | Path = RESULTS_FIL
             "rerun the sweep into a new folder"
         )
     return spectra
+
+
+def measure_stream_spectra(lm: LoadedModel, results: dict[str, Any]) -> StreamSpectra:
+    """The dense record's spectra measured anew, for results that predate them: `lm`, checked to be the sweep's
+    model, traced once on the sweep's probe windows and measured in its entropy stream's unit."""
+    check_same_model(results, lm.name, model_fingerprint(lm))
+    windows = probe_windows(
+        lm,
+        _setting(results, "ppl_corpus"),
+        _setting(results, "probe_seqlen"),
+        _setting(results, "probe_tokens"),
+    )
+    return stream_spectra(residual_samples(lm, windows, windows.numel()), _setting(results, "entropy_stream"))
 
 
 def dense_signal(

@@ -167,8 +167,7 @@ def _probe(lm: LoadedModel, settings: SweepSettings) -> _Probe:
     if PPL in settings.tasks:
         ids = corpus_tokens(lm.tokenizer, settings.ppl_corpus, "test")
         ppl_windows = eval_windows(ids, settings.ppl_seqlen, settings.ppl_max_tokens)
-    probe_ids = corpus_tokens(lm.tokenizer, settings.ppl_corpus, "test")
-    probe = eval_windows(probe_ids, settings.probe_seqlen, settings.probe_tokens)
+    probe = probe_windows(lm, settings.ppl_corpus, settings.probe_seqlen, settings.probe_tokens)
     calib = calibration_windows(
         lm.tokenizer,
         settings.calib_corpus,
@@ -178,6 +177,11 @@ def _probe(lm: LoadedModel, settings: SweepSettings) -> _Probe:
         settings.calib_sampler,
     )
     return _Probe(ppl_windows, probe, calib)
+
+
+def probe_windows(lm: LoadedModel, corpus: str, seqlen: int, tokens: int) -> Int[Tensor, "p seqlen"]:
+    """The test-split windows residual entropy and output shift are measured on (`probe_tokens` tokens)."""
+    return eval_windows(corpus_tokens(lm.tokenizer, corpus, "test"), seqlen, tokens)
 
 
 def _evaluate(

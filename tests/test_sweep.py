@@ -56,7 +56,9 @@ def _settings(corpus: str, **kw: object) -> SweepSettings:
     return settings_from(QUICK, **{**base, **kw})
 
 
-def test_sweep_records_and_resume(tiny_folder: Path, corpus: str, tmp_path: Path) -> None:
+def test_sweep_records_and_resume(
+    tiny_folder: Path, corpus: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     settings = _settings(corpus)
     results = run_sweep(settings, tmp_path, str(tiny_folder), "cpu", progress=False, log=lambda _: None)
     records = results["records"]
@@ -95,6 +97,15 @@ def test_sweep_records_and_resume(tiny_folder: Path, corpus: str, tmp_path: Path
     assert (at_25.d_prime, at_50.d_prime) == (48, 32)
     assert at_50.ln_ppl_measured == pytest.approx(math.log(records[2]["ppl"]))
     assert at_50.detail["excluded"]["1"] == "not sliced (d' = d)"  # the head is left at width d
+    # A folder without them: one clear line; with --model, one pass measures them as the sweep did.
+    del on_disk["records"][0]["stream_spectra"]
+    (tmp_path / RESULTS).write_text(json.dumps(on_disk))
+    argv = ["predict", "--method", "dense", "--from", str(tmp_path), "--json"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: no dense spectra in {tmp_path}/{RESULTS}")
+    assert main([*argv, "--model", str(tiny_folder), "--device", "cpu"]) == 0
+    remeasured = json.loads(capsys.readouterr().out)["points"]
+    assert [p["ln_ppl"] for p in remeasured] == pytest.approx([at_25.ln_ppl, at_50.ln_ppl], rel=1e-9)
 
     # An interrupted run: the last sparsity never finished. Resuming recomputes only that one.
     on_disk["records"] = records[:2]

@@ -14,7 +14,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from analyses.laws import ACC_KEYS, PPL, RESULTS_FILE, check_sparsity, fit_results, load_results, predict
+from analyses.laws import (
+    ACC_KEYS,
+    PPL,
+    RESULTS_FILE,
+    check_sparsity,
+    fit_results,
+    load_results,
+    predict,
+    results_dtype,
+)
 from analyses.predictors import (
     DEFAULT_ESTIMATOR,
     ESTIMATORS,
@@ -23,9 +32,11 @@ from analyses.predictors import (
     dense_prediction,
     internals_prediction,
     law_prediction,
+    measure_stream_spectra,
 )
 from mechslice.commands._common import add_json_arg, emit
 from mechslice.errors import MechsliceError
+from mechslice.loading import default_device, load_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,6 +73,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=f"--method internals or dense: the entropy ratio (default {DEFAULT_ESTIMATOR}; dense: gaussian "
         "or effective_rank)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="--method dense: measure the dense spectra with this model (the sweep's, in its dtype) in one "
+        "pass, for a results folder that predates them",
+    )
+    parser.add_argument(
+        "--device", default=None, help="torch device for --model (default: cuda if available)"
     )
     add_json_arg(parser)
     parser.set_defaults(func=run)
@@ -149,6 +169,8 @@ def _method_prediction(args: argparse.Namespace) -> Prediction:
         raise MechsliceError("--fit-on applies to --method law only")
     if args.estimator is not None and args.method == "law":
         raise MechsliceError("--estimator applies to --method internals or dense only")
+    if (args.model is not None or args.device is not None) and args.method != "dense":
+        raise MechsliceError("--model and --device apply to --method dense only")
     results = load_results(args.source)
     at = None if args.sparsity is None else [check_sparsity(args.sparsity)]
     estimator = args.estimator or DEFAULT_ESTIMATOR
@@ -156,7 +178,11 @@ def _method_prediction(args: argparse.Namespace) -> Prediction:
         return law_prediction(results, args.fit_on, at)
     if args.method == "internals":
         return internals_prediction(results, estimator, at)
-    return dense_prediction(results, estimator, at, where=f"{args.source}/{RESULTS_FILE}")
+    spectra = None
+    if args.model is not None:
+        lm = load_model(args.model, args.device or default_device(), results_dtype(results))
+        spectra = measure_stream_spectra(lm, results)
+    return dense_prediction(results, estimator, at, spectra, where=f"{args.source}/{RESULTS_FILE}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -164,10 +190,10 @@ def run(args: argparse.Namespace) -> int:
     if args.method is not None:
         emit(args, _method_prediction(args).to_dict(), format_method)
         return 0
-    if args.sparsity is None or args.fit_on is not None or args.estimator is not None:
+    if args.sparsity is None or any(x is not None for x in (args.fit_on, args.estimator, args.model, args.device)):
         raise MechsliceError(
             "pass --sparsity S for the laws' prediction at S, or --method law|internals|dense "
-            "(--fit-on, --estimator go with --method)"
+            "(--fit-on, --estimator, --model, --device go with --method)"
         )
     s = check_sparsity(args.sparsity)
     table = fit_results(load_results(args.source), acc_key=args.acc_key)
