@@ -26,6 +26,7 @@ from analyses.predictors import (
     internals_prediction,
     law_prediction,
 )
+from analyses.report import build_report
 from analyses.sweep import STREAM_SPECTRA, entropy_record
 from mechslice.cli import main
 from mechslice.slicing import sliced_width
@@ -255,3 +256,16 @@ def test_cli_bad_input_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
     assert sorted(p.name for p in old_dir.iterdir()) == before  # nothing written
+
+
+def test_report_compares_the_three_predictors(tmp_path: Path) -> None:
+    folder = write_results(tmp_path / "run", projected_sweep())
+    page = build_report(folder).read_text(encoding="utf-8")
+    section = page.split('id="predict"')[1].split("<h2")[0]
+    assert "three predictors against the measured curve" in section
+    comparison = compare_predictors(load_results(folder))
+    assert comparison.held_back == [0.4, 0.5] and set(comparison.predictions) == {"law", "internals", "dense"}
+    for method, prediction in comparison.predictions.items():
+        assert f"{method}: PPL, err PPL, err ln PPL" in section
+        mean = prediction.mean_abs_errors()
+        assert f"{mean['ppl']:.1%}, {mean['ln_ppl']:.1%}" in section

@@ -190,7 +190,9 @@ def run(args: argparse.Namespace) -> int:
     if args.method is not None:
         emit(args, _method_prediction(args).to_dict(), format_method)
         return 0
-    if args.sparsity is None or any(x is not None for x in (args.fit_on, args.estimator, args.model, args.device)):
+    if args.sparsity is None or any(
+        x is not None for x in (args.fit_on, args.estimator, args.model, args.device)
+    ):
         raise MechsliceError(
             "pass --sparsity S for the laws' prediction at S, or --method law|internals|dense "
             "(--fit-on, --estimator, --model, --device go with --method)"
