@@ -154,12 +154,11 @@ class Prediction:
 
     def mean_abs_errors(self) -> dict[str, float | None]:
         """Mean |relative error| of PPL and of ln PPL over the measured points (None when there are none)."""
-        scored = self.measured()
-        if not scored:
-            return {"ppl": None, "ln_ppl": None}
+        ppl = [abs(e) for p in self.points if (e := p.rel_error_ppl) is not None]
+        ln_ppl = [abs(e) for p in self.points if (e := p.rel_error_ln_ppl) is not None]
         return {
-            "ppl": float(np.mean([abs(p.rel_error_ppl) for p in scored])),  # type: ignore[arg-type]
-            "ln_ppl": float(np.mean([abs(p.rel_error_ln_ppl) for p in scored])),  # type: ignore[arg-type]
+            "ppl": float(np.mean(ppl)) if ppl else None,
+            "ln_ppl": float(np.mean(ln_ppl)) if ln_ppl else None,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -203,6 +202,7 @@ def _sliced_records(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _nominal(rec: dict[str, Any]) -> float:
+    """A record's nominal sparsity (the one the sweep was asked for), its effective one in older files."""
     return float(rec.get("sparsity", rec["effective_sparsity"]))
 
 
@@ -212,6 +212,7 @@ def _record_at(records: Sequence[dict[str, Any]], s: float) -> dict[str, Any] | 
 
 
 def _measured(results: dict[str, Any], s: float) -> float | None:
+    """ln PPL the sweep measured at nominal sparsity s, None where it has no such point."""
     rec = _record_at(_sliced_records(results), s)
     return None if rec is None else math.log(rec["ppl"])
 
@@ -225,10 +226,12 @@ def _setting(results: dict[str, Any], key: str) -> Any:
 
 
 def _width(results: dict[str, Any], d: int, s: float) -> int:
+    """d' at sparsity s, rounded as the sweep rounded it."""
     return sliced_width(d, s, int(_setting(results, "round_to")))
 
 
 def _at_list(at: Sequence[float] | None) -> list[float] | None:
+    """The sparsities asked for, refused outside (0, 1): the dense point needs no prediction."""
     if at is None:
         return None
     out = [float(s) for s in at]
@@ -239,6 +242,7 @@ def _at_list(at: Sequence[float] | None) -> list[float] | None:
 
 
 def _check_estimator(estimator: str, allowed: Sequence[str], method: str) -> str:
+    """`estimator`, when `method` has it."""
     if estimator not in allowed:
         raise MechsliceError(
             f"--method {method} has no estimator {estimator!r}; choose one of {', '.join(allowed)}"
@@ -256,6 +260,7 @@ def _default_fit_on(records: Sequence[dict[str, Any]]) -> list[float]:
 
 
 def _fit_records(records: Sequence[dict[str, Any]], fit_on: Sequence[float]) -> list[dict[str, Any]]:
+    """The records at the `fit_on` sparsities; MechsliceError naming the sweep's own for one it lacks."""
     chosen = []
     for s in fit_on:
         rec = _record_at(records, float(s))
@@ -314,7 +319,7 @@ def law_prediction(
                 sparsity=s,
                 effective_sparsity=s_eff,
                 d_prime=d_prime,
-                ln_ppl=ln0 / y if y > 0.0 else None,
+                ln_ppl=_ln_or_none(ln0, y),
                 ln_ppl_measured=None if rec is None else math.log(rec["ppl"]),
                 ln_ppl_interval=_ln_interval(ln0, entry["y_interval"]),
                 detail={
@@ -338,6 +343,7 @@ def law_prediction(
 
 
 def _ln_or_none(ln0: float, y: float) -> float | None:
+    """ln PPL = ln PPL0 / y, None (unbounded) where y <= 0."""
     return ln0 / y if y > 0.0 else None
 
 
@@ -367,7 +373,7 @@ def internals_prediction(
         PointPrediction(
             sparsity=p.sparsity,
             effective_sparsity=p.effective_sparsity,
-            d_prime=int(_record_at(records, p.sparsity)["d_prime"]),  # type: ignore[index]
+            d_prime=round((1.0 - p.effective_sparsity) * dense_record(results)["d"]),  # s_eff = 1 - d'/d
             ln_ppl=p.ln_ppl_predicted,
             ln_ppl_measured=p.ln_ppl_measured,
             detail={"ratio": p.ratio, "layers": p.layers, "excluded": p.excluded},
