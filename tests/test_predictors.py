@@ -238,6 +238,9 @@ def test_cli_bad_input_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         rec.pop("entropy", None)
     old_dir = write_results(tmp_path / "old", old)
     good = write_results(tmp_path / "good", projected_sweep())
+    malformed = projected_sweep()
+    malformed["records"][0][STREAM_SPECTRA]["eigenvalues"][1] = [1.0, 2.0]  # not d numbers
+    malformed_dir = write_results(tmp_path / "malformed", malformed)
     before = sorted(p.name for p in old_dir.iterdir())
     cases = [
         (
@@ -245,6 +248,11 @@ def test_cli_bad_input_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
             f"no dense spectra in {old_dir}/results.json",
         ),
         (["predict", "--method", "internals", "--from", str(old_dir)], "no sliced record has a gaussian"),
+        (["predict", "--method", "dense", "--from", str(malformed_dir)], "are malformed"),
+        (
+            ["predict", "--method", "law", "--model", "smollm2-135m", "--from", str(good)],
+            "--method dense only",
+        ),
         (["predict", "--method", "dense", "--estimator", "marginal", "--from", str(good)], "no estimator"),
         (["predict", "--method", "law", "--fit-on", "0.15,0.2", "--from", str(good)], "--fit-on 0.15 is not"),
         (["predict", "--method", "dense", "--fit-on", "0.1,0.2", "--from", str(good)], "--method law only"),
