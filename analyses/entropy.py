@@ -365,6 +365,62 @@ def entropy_ratio(H_sliced: float, H_dense: float) -> EntropyRatio:
     return EntropyRatio(ratio=ratio, same_sign=H_sliced * H_dense > 0.0)
 
 
+def kept_ratio(
+    eigvals: Float[np.ndarray, " d"], k: int, estimator: str = "gaussian", rel_floor: float = REL_EIG_FLOOR
+) -> EntropyRatio:
+    """What slicing to width k keeps of a stream, read off its covariance spectrum (descending) alone.
+
+    The Gaussian entropy (or, for `RANK`, the effective rank) of the top k eigenvalues, the directions PCA
+    slicing keeps, over that of all of them: the premise's H'/H without building a sliced model. The Gaussian
+    floor is relative to the full spectrum's largest eigenvalue, as for the stream before slicing.
+    """
+    lam = np.asarray(eigvals, dtype=np.float64)
+    if not 1 <= k <= lam.size:
+        raise MechsliceError(f"a kept width needs 1 <= k <= d={lam.size}, got k={k}")
+    if estimator == RANK:
+        return EntropyRatio(effective_rank_from_spectrum(lam[:k]) / effective_rank_from_spectrum(lam), True)
+    if estimator != "gaussian":
+        raise MechsliceError(f"estimator {estimator!r} cannot be read off a spectrum; use gaussian or {RANK}")
+    return entropy_ratio(
+        gaussian_entropy_from_spectrum(lam[:k], float(lam[0]), rel_floor),
+        gaussian_entropy_from_spectrum(lam, rel_floor=rel_floor),
+    )
+
+
+@dataclass(frozen=True)
+class StreamSpectra:
+    """Each layer's covariance spectrum (descending, float64) of one model's block outputs, in `stream`'s unit.
+
+    What the dense-only predictor needs: every H'/H at every width follows from it (`kept_ratio`).
+    """
+
+    stream: str
+    d: int
+    tokens: int
+    eigenvalues: list[list[float]]  # one list of d per layer, in layer order
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict; floats kept at full float64 precision (json writes them round-trip)."""
+        return asdict(self)
+
+
+def stream_spectra(
+    samples: Mapping[Any, Sample] | Sequence[Sample], stream: str = "normalised"
+) -> StreamSpectra:
+    """`StreamSpectra` of per-layer samples (layer -> (n, d)), measured as `layer_entropy_summary` measures the
+    dense stream: RMS-normalised (`rms_normalised`) unless stream is "raw", then `covariance_spectrum`."""
+    if stream not in STREAMS:
+        raise MechsliceError(f"unknown entropy stream {stream!r}; choose one of {', '.join(STREAMS)}")
+    xs = [as_sample(x) for x in _by_layer(samples).values()]
+    if not xs:
+        raise MechsliceError("no layers to measure spectra of; collect at least one layer's samples")
+    d, n = xs[0].shape[1], xs[0].shape[0]
+    if stream == "normalised":
+        xs = [rms_normalised(x, d) for x in xs]
+    spectra = [covariance_spectrum(x).tolist() for x in xs]
+    return StreamSpectra(stream=stream, d=d, tokens=n, eigenvalues=spectra)
+
+
 def unit_sensitivity(H_sliced: float, H_dense: float, d_sliced: int, d: int) -> float:
     """d(H'/H)/d(log c): how far the ratio moves per factor e in the unit of both streams, (d' - d H'/H)/H.
 
@@ -596,10 +652,7 @@ def layer_entropy_summary(
             e0, es = effective_rank_from_spectrum(lam), effective_rank_from_spectrum(lam_s)
             rank = RankComparison(e0, es, es / e0)
             if d_s <= d:
-                top = entropy_ratio(
-                    gaussian_entropy_from_spectrum(lam[:d_s], float(lam[0]), rel_floor),
-                    gaussian_entropy_from_spectrum(lam, rel_floor=rel_floor),
-                )
+                top = kept_ratio(lam, d_s, "gaussian", rel_floor)
         layers.append(
             LayerEntropy(
                 name,

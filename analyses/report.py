@@ -29,6 +29,7 @@ from analyses.laws import (
     load_results,
     record_signal,
 )
+from analyses.predictors import compare_predictors
 from analyses.report_figures import (
     entropy_figures,
     entropy_ratio_figure,
@@ -36,6 +37,7 @@ from analyses.report_figures import (
     figure_3a,
     figure_3b,
     prediction_figure,
+    predictors_figure,
     shift_bucket_figure,
     shift_figure,
     shift_overall,
@@ -293,7 +295,52 @@ def prediction_section(results: dict[str, Any], table: FitTable | None, render: 
         for est, ps in preds.items()
         for p in ps
     ]
-    return render(prediction_figure(results, table)) + _table(head, rows) + _note(f"H'/H here is {SIGNAL}.")
+    body = render(prediction_figure(results, table)) + _table(head, rows) + _note(f"H'/H here is {SIGNAL}.")
+    return body + predictors_html(results, render)
+
+
+def _pct(x: float | None, spec: str = "+.1%") -> str:
+    """A relative error as a percentage; a dash when not measured, "unbounded" for an unbounded prediction."""
+    return "–" if x is None else ("unbounded" if math.isinf(x) else format(x, spec))
+
+
+def predictors_html(results: dict[str, Any], render: FigureRenderer) -> str:
+    """The law (fitted on the smallest sparsities), internals and dense-only predictors on the same held-back
+    points: a figure against the measured curve and each one's relative errors of PPL and ln PPL."""
+    try:
+        comparison = compare_predictors(results)
+    except MechsliceError as err:
+        return _note(f"The three predictors are not compared: {err}")
+    if not comparison.held_back:
+        return _note(
+            "The three predictors are not compared: the law is fitted on every sparsity the sweep has."
+        )
+    methods = list(comparison.predictions.items())
+    head = ["s", "PPL measured"] + [f"{m}: PPL, err PPL, err ln PPL" for m, _ in methods]
+    rows = []
+    for s in comparison.held_back:
+        cells = []
+        measured = "–"
+        for _, prediction in methods:
+            p = next((p for p in prediction.points if abs(p.sparsity - s) < 1e-9), None)
+            if p is None:
+                cells.append("–")
+                continue
+            if p.ln_ppl_measured is not None:
+                measured = fmt(math.exp(p.ln_ppl_measured), ".4g")
+            cells.append(f"{fmt(p.ppl, '.4g')}, {_pct(p.rel_error_ppl)}, {_pct(p.rel_error_ln_ppl)}")
+        rows.append([f"{s:g}", measured, *cells])
+    means = [prediction.mean_abs_errors() for _, prediction in methods]
+    rows.append(
+        ["mean |error|", ""] + [f"{_pct(m['ppl'], '.1%')}, {_pct(m['ln_ppl'], '.1%')}" for m in means]
+    )
+    notes = [note for _, prediction in methods for note in prediction.notes]
+    notes += [f"{method}: not shown, {why}" for method, why in comparison.missing.items()]
+    return (
+        render(predictors_figure(results, comparison))
+        + _table(head, [[_esc(c) for c in row] for row in rows])
+        + "".join(_note(n) for n in notes)
+    )
 
 
 def _read_spectra(directory: Path, rec: dict[str, Any]) -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ from analyses.laws import (
     record_signal,
 )
 from analyses.layer_plots import bin_labels, binned_log_shares, index_bins, layer_curves, spectra_heatmap
+from analyses.predictors import Comparison
 from analyses.report_text import PAPER_SHORT, STDERR_KEYS, task_label
 
 SHIFT_PANELS = (
@@ -323,6 +324,55 @@ def prediction_figure(results: dict[str, Any], table: FitTable | None) -> go.Fig
         )
     fig.update_layout(
         title="ln PPL: measured and predicted", xaxis_title="effective sparsity s", yaxis_title="ln PPL"
+    )
+    return fig
+
+
+PREDICTOR_STYLE = {"law": "circle-open", "internals": "diamond", "dense": "x"}
+
+
+def predictors_figure(results: dict[str, Any], comparison: Comparison) -> go.Figure:
+    """The measured ln PPL curve with the three predictors at the law's held-back sparsities (the law with
+    its prediction intervals; an unbounded prediction or bound is not drawn)."""
+    records = [r for r in sorted_records(results) if r.get("ppl") is not None and r["ppl"] > 1.0]
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=[r["effective_sparsity"] for r in records],
+            y=[math.log(r["ppl"]) for r in records],
+            mode="markers+lines",
+            name="measured",
+            line=dict(color=DENSE_COLOR),
+        )
+    )
+    for method, prediction in comparison.predictions.items():
+        points = [p for p in prediction.points if p.ln_ppl is not None]
+        ys = [p.ln_ppl for p in points]
+        error_y = None
+        if method == "law":
+            bounds = [p.ln_ppl_interval or (None, None) for p in points]
+            error_y = dict(
+                type="data",
+                array=[0.0 if hi is None else hi - y for (_, hi), y in zip(bounds, ys, strict=True)],
+                arrayminus=[0.0 if lo is None else y - lo for (lo, _), y in zip(bounds, ys, strict=True)],
+            )
+        label = method if prediction.estimator is None else f"{method} ({prediction.estimator})"
+        if prediction.fit_on:
+            label += f", fitted on s = {', '.join(f'{s:g}' for s in prediction.fit_on)}"
+        fig.add_trace(
+            go.Scatter(
+                x=[p.effective_sparsity for p in points],
+                y=ys,
+                mode="markers",
+                name=label,
+                error_y=error_y,
+                marker=dict(size=11, symbol=PREDICTOR_STYLE[method]),
+            )
+        )
+    fig.update_layout(
+        title="ln PPL at the held-back sparsities: three predictors against the measured curve",
+        xaxis_title="effective sparsity s",
+        yaxis_title="ln PPL",
     )
     return fig
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,16 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from analyses.entropy import RANK, SIGNAL, STREAMS, RatioSignal, finite_or_none, layer_entropy_summary
+from analyses.entropy import (
+    RANK,
+    SIGNAL,
+    STREAMS,
+    EntropySummary,
+    RatioSignal,
+    finite_or_none,
+    layer_entropy_summary,
+    stream_spectra,
+)
 from analyses.laws import check_same_model, load_results, results_dtype
 from analyses.layer_entropy import check_estimators, check_gaussian_rows, residual_samples
 from analyses.shift import ShiftAccumulator
@@ -45,6 +54,8 @@ PREDATING: dict[str, Any] = {
     "include_knn": True,  # the kNN ratio entered the predictor before the flag existed
 }
 PPL = "ppl"
+# The dense record's key for each layer's covariance spectrum of the stream (`analyses.entropy.StreamSpectra`).
+STREAM_SPECTRA = "stream_spectra"
 
 
 @dataclass(frozen=True)
@@ -167,8 +178,7 @@ def _probe(lm: LoadedModel, settings: SweepSettings) -> _Probe:
     if PPL in settings.tasks:
         ids = corpus_tokens(lm.tokenizer, settings.ppl_corpus, "test")
         ppl_windows = eval_windows(ids, settings.ppl_seqlen, settings.ppl_max_tokens)
-    probe_ids = corpus_tokens(lm.tokenizer, settings.ppl_corpus, "test")
-    probe = eval_windows(probe_ids, settings.probe_seqlen, settings.probe_tokens)
+    probe = probe_windows(lm, settings.ppl_corpus, settings.probe_seqlen, settings.probe_tokens)
     calib = calibration_windows(
         lm.tokenizer,
         settings.calib_corpus,
@@ -178,6 +188,11 @@ def _probe(lm: LoadedModel, settings: SweepSettings) -> _Probe:
         settings.calib_sampler,
     )
     return _Probe(ppl_windows, probe, calib)
+
+
+def probe_windows(lm: LoadedModel, corpus: str, seqlen: int, tokens: int) -> Int[Tensor, "p seqlen"]:
+    """The test-split windows residual entropy and output shift are measured on (`probe_tokens` tokens)."""
+    return eval_windows(corpus_tokens(lm.tokenizer, corpus, "test"), seqlen, tokens)
 
 
 def _evaluate(
@@ -237,13 +252,18 @@ def residual_entropy(
         stream=settings.entropy_stream,
         include_knn=settings.include_knn,
     )
+    return entropy_record(summary, settings.estimators)
+
+
+def entropy_record(summary: EntropySummary, estimators: Sequence[str]) -> dict[str, Any]:
+    """A record's `entropy` section from the per-layer summary (the layout `residual_entropy` documents)."""
     layers = summary.layers
     out: dict[str, Any] = {
         "stream": summary.stream,
         "signal": SIGNAL,
         "d_sliced_per_layer": [layer.d_sliced for layer in layers],
     }
-    for name in settings.estimators:
+    for name in estimators:
         per = [layer.estimators[name] for layer in layers]
         out[name] = {
             "per_layer_dense": [c.H_dense for c in per],
@@ -356,6 +376,8 @@ def run_sweep(
             }
         sliced_at = time.perf_counter()
         measured, seconds = _evaluate(lm, dense, probe, settings, progress)
+        if s == 0.0 and probe.dense_samples is not None:  # what `predict --method dense` reads
+            record[STREAM_SPECTRA] = stream_spectra(probe.dense_samples, settings.entropy_stream).to_dict()
         seconds["slice"] = sliced_at - start
         seconds["total"] = time.perf_counter() - start
         results["records"].append({"sparsity": s, **record, **measured, "seconds": seconds})

@@ -181,8 +181,9 @@ def test_full_report_has_every_section_and_is_offline(tmp_path: Path) -> None:
     ):
         assert f'id="{anchor}"' in rest
     assert 'class="note"' not in rest.split('id="table3"')[0]  # no section before Table 3 was omitted
-    # One plot per figure: 3a, 3b, prediction, entropy ratio + 2 per estimator, 2 spectra, 2 shift.
-    assert rest.count("Plotly.newPlot(") == 3 + 1 + 4 + 2 + 2
+    # One plot per figure: 3a, 3b, prediction, the three predictors, entropy ratio + 2 per estimator, 2
+    # spectra, 2 shift.
+    assert rest.count("Plotly.newPlot(") == 3 + 1 + 1 + 4 + 2 + 2
     assert "Fig. 3a analogue" in rest and "Table 3 Llama-3" in rest and "paper: y = 1 - s" in rest
     # Model name is escaped, the settings and fingerprint are shown.
     assert "smollm2-&lt;135m&gt;" in rest and "smollm2-<135m>" not in rest

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from analyses.predictors import dense_prediction
 from analyses.sweep import QUICK, RESULTS, SweepSettings, run_sweep, settings_from
 from mechslice.cli import main
 from mechslice.corpora import load_corpus
@@ -56,7 +57,9 @@ def _settings(corpus: str, **kw: object) -> SweepSettings:
     return settings_from(QUICK, **{**base, **kw})
 
 
-def test_sweep_records_and_resume(tiny_folder: Path, corpus: str, tmp_path: Path) -> None:
+def test_sweep_records_and_resume(
+    tiny_folder: Path, corpus: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     settings = _settings(corpus)
     results = run_sweep(settings, tmp_path, str(tiny_folder), "cpu", progress=False, log=lambda _: None)
     records = results["records"]
@@ -85,6 +88,25 @@ def test_sweep_records_and_resume(tiny_folder: Path, corpus: str, tmp_path: Path
     assert on_disk["records"] == records
     # the default dtype, auto, is recorded as what it resolved to on this machine
     assert on_disk["settings"]["dtype"] == dtype_name(resolve_dtype("auto", "cpu")[0])
+    # The dense record keeps each layer's covariance spectrum of the normalised stream, what the dense-only
+    # predictor reads: every normalised token has squared norm d = 64, so a spectrum sums to at most 64 n/(n-1).
+    dense_spectra = records[0]["stream_spectra"]
+    assert dense_spectra["stream"] == "normalised" and dense_spectra["tokens"] == 128
+    assert [len(lam) for lam in dense_spectra["eigenvalues"]] == [64, 64]
+    assert all(0 < sum(lam) <= 64 * 128 / 127 + 1e-9 for lam in dense_spectra["eigenvalues"])
+    at_25, at_50 = dense_prediction(on_disk).points
+    assert (at_25.d_prime, at_50.d_prime) == (48, 32)
+    assert at_50.ln_ppl_measured == pytest.approx(math.log(records[2]["ppl"]))
+    assert at_50.detail["excluded"]["1"] == "not sliced (d' = d)"  # the head is left at width d
+    # A folder without them: one clear line; with --model, one pass measures them as the sweep did.
+    del on_disk["records"][0]["stream_spectra"]
+    (tmp_path / RESULTS).write_text(json.dumps(on_disk))
+    argv = ["predict", "--method", "dense", "--from", str(tmp_path), "--json"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: no dense spectra in {tmp_path}/{RESULTS}")
+    assert main([*argv, "--model", str(tiny_folder), "--device", "cpu"]) == 0
+    remeasured = json.loads(capsys.readouterr().out)["points"]
+    assert [p["ln_ppl"] for p in remeasured] == pytest.approx([at_25.ln_ppl, at_50.ln_ppl], rel=1e-9)
 
     # An interrupted run: the last sparsity never finished. Resuming recomputes only that one.
     on_disk["records"] = records[:2]
