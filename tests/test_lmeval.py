@@ -17,9 +17,10 @@ from analyses.sweep import RESULTS, run_sweep
 from mechslice.adapters import adapter_for
 from mechslice.cli import main
 from mechslice.errors import MechsliceError
+from mechslice.lmeval import task_manager
 from mechslice.lmeval.model import MechsliceLM
 from mechslice.loading import LoadedModel, load_model
-from mechslice.mc import evaluate_mc
+from mechslice.mc import evaluate_mc, load_task
 from tests.test_laws import make_results
 from tests.test_sweep import _settings, corpus, tiny_folder  # noqa: F401 (fixtures)
 
@@ -207,3 +208,22 @@ def test_harness_agrees_with_our_scorer_dense_and_per_layer_sliced(
     assert main([*argv, "--device", "cpu", "--dtype", "float32", "--json"]) == 0
     capsys.readouterr()
     _agree(str(folder), 20, capsys)
+
+
+NEW_TASKS = ("sciq", "openbookqa", "social_iqa", "copa", "lambada_openai")
+
+
+def test_new_tasks_build_exactly_the_harness_requests_on_every_packaged_document() -> None:
+    # The harness's own configs (through mechslice's offline twins) against mechslice's items, document by document.
+    from lm_eval.tasks import get_task_dict
+
+    harness = get_task_dict(list(NEW_TASKS), task_manager(()))
+    for name in NEW_TASKS:
+        task = harness[name]
+        task.build_all_requests(rank=0, world_size=1)
+        requests: dict[int, list[tuple[str, str]]] = {}
+        for instance in task.instances:
+            requests.setdefault(instance.doc_id, []).append(instance.args)
+        ours = load_task(name)
+        assert len(requests) == len(ours) == len(task.eval_docs), name
+        assert all(requests[i] == item.requests() for i, item in enumerate(ours)), name
