@@ -21,6 +21,7 @@ from mechslice.lmeval import task_manager
 from mechslice.lmeval.model import MechsliceLM
 from mechslice.loading import LoadedModel, load_model
 from mechslice.mc import evaluate_mc, load_task
+from mechslice.mc.tasks import task_chance
 from tests.test_laws import make_results
 from tests.test_sweep import _settings, corpus, tiny_folder  # noqa: F401 (fixtures)
 
@@ -160,14 +161,21 @@ def test_sweep_backend_is_recorded_and_resume_refuses_the_other(
     tmp_path: Path,
 ) -> None:
     runs: dict[str, dict[str, Any]] = {}
+    tasks = ("arc_easy", "lambada_openai")
     for backend in ("ours", "lm-eval"):
-        settings = _settings(corpus, sparsities=(0.0,), tasks=("arc_easy",), mc_limit=4, mc_backend=backend)
+        settings = _settings(corpus, sparsities=(0.0,), tasks=tasks, mc_limit=4, mc_backend=backend)
         out = tmp_path / backend
         runs[backend] = run_sweep(settings, out, str(tiny_folder), "cpu", progress=False, log=lambda _: None)
         assert json.loads((out / RESULTS).read_text())["settings"]["mc_backend"] == backend
     ours, theirs = (runs[b]["records"][0]["tasks"]["arc_easy"] for b in ("ours", "lm-eval"))
     assert (theirs["acc"], theirs["acc_norm"], theirs["n"]) == (ours["acc"], ours["acc_norm"], 4)
-    other = _settings(corpus, sparsities=(0.0,), tasks=("arc_easy",), mc_limit=4, mc_backend="lm-eval")
+    chance = task_chance("arc_easy", load_task("arc_easy", limit=4))
+    assert theirs["chance"] == ours["chance"] == chance and "perplexity" not in ours
+    # LAMBADA: greedy-last-word acc and the targets' perplexity, ours against the harness's lambada_openai.
+    ours, theirs = (runs[b]["records"][0]["tasks"]["lambada_openai"] for b in ("ours", "lm-eval"))
+    assert (theirs["acc"], theirs["acc_norm"], theirs["n"], theirs["chance"]) == (ours["acc"], None, 4, 0.0)
+    assert theirs["perplexity"] == pytest.approx(ours["perplexity"], rel=1e-9)
+    other = _settings(corpus, sparsities=(0.0,), tasks=tasks, mc_limit=4, mc_backend="lm-eval")
     with pytest.raises(MechsliceError, match=r"other settings \(mc_backend\)"):
         run_sweep(other, tmp_path / "ours", str(tiny_folder), "cpu", resume=True, progress=False)
 
