@@ -29,6 +29,7 @@ AT_CHANCE_SE = 3.0
 AT_CHANCE = "at chance: the law cannot be read"
 PAPER_FORM = "paper"
 CORRECTED_FORM = "chance-corrected"
+TIE = "tie"
 CORRECTED_LAW = "y = ln((acc - c) / (acc0 - c)), c the chance level"
 
 
@@ -82,11 +83,11 @@ class FormComparison:
 
     @property
     def better(self) -> str | None:
-        """The form with the smaller leave-one-out error (`PAPER_FORM`, `CORRECTED_FORM`, "tie"), or None."""
+        """The form with the smaller leave-one-out error (`PAPER_FORM`, `CORRECTED_FORM`, `TIE`), or None."""
         if self.paper_rmse is None or self.corrected_rmse is None:
             return None
         if self.paper_rmse == self.corrected_rmse:
-            return "tie"
+            return TIE
         return CORRECTED_FORM if self.corrected_rmse < self.paper_rmse else PAPER_FORM
 
     def to_dict(self) -> dict[str, Any]:

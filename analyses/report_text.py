@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from analyses.chance import CORRECTED_FORM, PAPER_FORM, ChanceLaw
+from analyses.chance import CORRECTED_FORM, PAPER_FORM, TIE, ChanceLaw
 from analyses.entropy import RANK
 from analyses.laws import (
     PAPER_DATASETS,
@@ -23,7 +23,8 @@ from analyses.laws import (
 )
 
 PAPER_SHORT = {"Llama-3-8B-Instruct": "Llama-3", "Phi-3-mini-4k-Instruct": "Phi-3"}
-# acc0 closer than this to chance (but clear of the at-chance rule's 3 standard errors) leaves ln(acc/acc0) little room to fall (at most ln(chance/acc0)).
+# acc0 closer than this to chance (yet clear of the at-chance rule's 3 standard errors) leaves ln(acc/acc0) little
+# room to fall (at most ln(chance/acc0)).
 NEAR_CHANCE = 0.05
 # A slope interval wider than +-0.25 cannot tell the paper's two models apart (a = -1.08 and -0.90) nor either
 # from -1 by more than its own width, so the summary calls it inconclusive instead of "holds".
@@ -191,7 +192,7 @@ def _corrected_sentence(law: ChanceLaw) -> str:
     duel = law.comparison
     if duel is None or duel.better is None:
         return text + "Leave-one-out cannot compare the two forms (a fold cannot be fitted). "
-    verdict = {"tie": "both forms predict equally well"}.get(
+    verdict = {TIE: "both forms predict equally well"}.get(
         duel.better, f"the {duel.better} form predicts better"
     )
     return text + (
@@ -211,7 +212,7 @@ def _forms_summary(table: FitTable) -> str | None:
         return None
     parts = [
         f"{form} on {len(names)} ({', '.join(map(task_label, names))})"
-        for form in (CORRECTED_FORM, PAPER_FORM, "tie")
+        for form in (CORRECTED_FORM, PAPER_FORM, TIE)
         if (names := [t for t, v in verdicts.items() if v == form])
     ]
     return f"Which form of the accuracy law predicts left-out sparsities better (leave-one-out): {'; '.join(parts)}."
