@@ -2,6 +2,7 @@
 
 Proposition 2: y = ln PPL0 / ln PPL, which the paper says equals 1 - s (a = -1, b = 1).
 Proposition 3: y = ln(acc / acc0), per multiple-choice task, proportional to 1 - s.
+Beside Prop. 3, per task, its chance-corrected form and the at-chance rule (`analyses.chance`).
 Both are fitted as y = a*s + b against the EFFECTIVE sparsity s = 1 - d'/d, with the dense model included as
 the point s = 0 (y = 1, resp. 0), as in the paper's Fig. 3; the paper's Table 3 is kept here for comparison.
 That point is exact by construction, not an observation: it earns no degree of freedom, and a second fit,
@@ -22,6 +23,15 @@ from typing import Any
 
 import numpy as np
 
+from analyses.chance import (
+    CHANCE_CSV,
+    ChanceLaw,
+    acc_from_y,
+    at_chance_note,
+    chance_cells,
+    chance_level,
+    compare_forms,
+)
 from analyses.entropy import BIASED_IN_D, RatioSignal, ratio_signal
 from analyses.fits import LineFit, fit_line
 from mechslice import distributed
@@ -125,6 +135,11 @@ def validate_results(results: object, where: str = RESULTS_FILE) -> dict[str, An
             ]
             if bad:
                 raise MechsliceError(f"{where}: record {i} task {task} has a non-number {bad[0]}; {fix}")
+            chance = metrics.get("chance")
+            if chance is not None and not (_is_number(chance) and 0.0 <= chance < 1.0):
+                raise MechsliceError(
+                    f"{where}: record {i} task {task} has chance {chance!r}, not a number in [0, 1); {fix}"
+                )
     dense = [rec for rec in records if rec["effective_sparsity"] < DENSE_TOLERANCE]
     if len(dense) != 1:
         raise MechsliceError(
@@ -206,6 +221,7 @@ class LawPoints:
     undefined: str = (
         ""  # the rule that dropped the `excluded` points, e.g. "acc = 0, where ln(acc / acc0) ..."
     )
+    values: np.ndarray = field(default_factory=lambda: np.zeros(0))  # the metric (PPL or acc) at each point
 
     def dropped_note(self) -> str | None:
         """Which sparsities the fit left out and why (with how many it kept), or None when it left out none."""
@@ -244,21 +260,24 @@ def _item_count(metrics: dict[str, Any], acc_key: str) -> int | None:
     return None
 
 
-def _log_acc_var(metrics: dict[str, Any], acc_key: str) -> float | None:
-    """Delta method: Var(ln acc) = SE^2 / acc^2 (None when no SE is known)."""
+def _log_acc_var(metrics: dict[str, Any], acc_key: str, chance: float = 0.0) -> float | None:
+    """Delta method: Var(ln(acc - c)) = SE^2 / (acc - c)^2 (None when no SE is known)."""
     se = _binomial_se(metrics, acc_key)
-    return None if se is None else (se / metrics[acc_key]) ** 2
+    return None if se is None else (se / (metrics[acc_key] - chance)) ** 2
 
 
-def undefined_rule(dataset: str, acc_key: str = "acc") -> str:
+def undefined_rule(dataset: str, acc_key: str = "acc", chance: float = 0.0) -> str:
     """When a point of `dataset`'s law has no y: the log it takes is of a value it cannot take."""
     if dataset == PPL:
         return "PPL <= 1, where ln PPL0 / ln PPL is undefined"
+    if chance > 0.0:
+        return f"{acc_key} <= chance {chance:.3f}, where ln(({acc_key} - c) / ({acc_key}0 - c)) is undefined"
     return f"{acc_key} = 0, where ln({acc_key} / {acc_key}0) is undefined"
 
 
-def law_points(results: dict[str, Any], dataset: str, acc_key: str = "acc") -> LawPoints:
-    """(s, y) of `dataset` (`ppl` or a task): y = ln PPL0/ln PPL or ln(acc/acc0), dense point included.
+def law_points(results: dict[str, Any], dataset: str, acc_key: str = "acc", chance: float = 0.0) -> LawPoints:
+    """(s, y) of `dataset` (`ppl` or a task): y = ln PPL0/ln PPL or ln(acc/acc0), dense point included; with
+    `chance` c > 0 the chance-corrected y = ln((acc - c) / (acc0 - c)).
 
     Records without the metric are left out; records where the law is undefined (PPL <= 1, acc == 0) are
     listed in `excluded`. Accuracy points carry their sampling variances from `stderr` (or the item count
@@ -271,8 +290,8 @@ def law_points(results: dict[str, Any], dataset: str, acc_key: str = "acc") -> L
             return rec.get("ppl")
         return rec.get("tasks", {}).get(dataset, {}).get(acc_key)
 
-    def defined(v: float) -> bool:  # ln PPL must be > 0 to divide by; ln(acc) needs acc > 0
-        return v > 1.0 if dataset == PPL else v > 0.0
+    def defined(v: float) -> bool:  # ln PPL must be > 0 to divide by; ln(acc - c) needs acc > c
+        return v > 1.0 if dataset == PPL else v > chance
 
     dense = dense_record(results)
     base = value(dense)
@@ -295,7 +314,9 @@ def law_points(results: dict[str, Any], dataset: str, acc_key: str = "acc") -> L
             continue
         else:
             s.append(float(rec["effective_sparsity"]))
-            y.append(math.log(base) / math.log(v) if dataset == PPL else math.log(v / base))
+            y.append(
+                math.log(base) / math.log(v) if dataset == PPL else math.log((v - chance) / (base - chance))
+            )
         used.append(rec)
     exact = np.array([rec is dense for rec in used])
     points = LawPoints(
@@ -304,19 +325,20 @@ def law_points(results: dict[str, Any], dataset: str, acc_key: str = "acc") -> L
         excluded,
         exact,
         np.zeros(len(used)),
-        undefined=undefined_rule(dataset, acc_key),
+        undefined=undefined_rule(dataset, acc_key, chance),
+        values=np.asarray([value(rec) for rec in used], dtype=np.float64),
     )
     if dataset == PPL:
         return points
     metrics = [rec["tasks"][dataset] for rec in used]
-    variances = [_log_acc_var(m, acc_key) for m in metrics]
+    variances = [_log_acc_var(m, acc_key, chance) for m in metrics]
     if any(v is None for v in variances):
         return points
     dense_metrics = dense["tasks"][dataset]
     return replace(
         points,
         var=np.where(exact, 0.0, np.asarray(variances, dtype=np.float64)),
-        shared_var=float(_log_acc_var(dense_metrics, acc_key)),
+        shared_var=float(_log_acc_var(dense_metrics, acc_key, chance)),
         n_items=_item_count(dense_metrics, acc_key),
         sampling="stderr" if _is_number(dense_metrics.get(STDERR_KEYS[acc_key])) else "n",
     )
@@ -337,6 +359,7 @@ class FitRow:
     points: LawPoints
     literal_rmse: float | None  # perplexity only: RMSE of the paper's literal line y = 1 - s on our points
     paper: dict[str, PaperFit] = field(default_factory=dict)
+    chance: ChanceLaw | None = None  # accuracy only: chance level, at-chance note, chance-corrected law
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the fit, the points, and the paper's a, b, RMSE per paper model."""
@@ -354,6 +377,7 @@ class FitRow:
             "excluded_sparsities": self.points.excluded,
             "dropped": self.points.dropped_note(),
             "paper": {name: vars(p) for name, p in self.paper.items()},
+            "chance": None if self.chance is None else self.chance.to_dict(),
         }
 
 
@@ -429,6 +453,17 @@ ZERO_WIDTH = (
 def _fit_row(results: dict[str, Any], dataset: str, acc_key: str) -> FitRow:
     """The law fitted on one dataset; MechsliceError (the reason) when it cannot be fitted."""
     points = law_points(results, dataset, acc_key)
+    fit, anchored = _fit_points(points)
+    literal = None
+    if dataset == PPL:
+        literal = float(np.sqrt(np.mean((points.y - (1.0 - points.s)) ** 2)))
+        return FitRow("perplexity", dataset, fit, anchored, points, literal, PAPER_TABLE3.get(dataset, {}))
+    chance = _chance_law(results, dataset, acc_key)
+    return FitRow("accuracy", dataset, fit, anchored, points, literal, PAPER_TABLE3.get(dataset, {}), chance)
+
+
+def _fit_points(points: LawPoints) -> tuple[LineFit, LineFit]:
+    """The unconstrained and the anchored line through `points`; MechsliceError (why) when they cannot be."""
     reason = _too_few(points)
     if reason is not None:
         raise MechsliceError(reason)
@@ -445,11 +480,25 @@ def _fit_row(results: dict[str, Any], dataset: str, acc_key: str) -> FitRow:
     )
     if _zero_width(fit) or _zero_width(anchored):
         raise MechsliceError(ZERO_WIDTH)
-    literal = None
-    if dataset == PPL:
-        literal = float(np.sqrt(np.mean((points.y - (1.0 - points.s)) ** 2)))
-    metric = "perplexity" if dataset == PPL else "accuracy"
-    return FitRow(metric, dataset, fit, anchored, points, literal, PAPER_TABLE3.get(dataset, {}))
+    return fit, anchored
+
+
+def _chance_law(results: dict[str, Any], task: str, acc_key: str) -> ChanceLaw:
+    """The task's chance level, the at-chance rule on acc0, and (when acc0 is clear of chance) the
+    chance-corrected law with its leave-one-out comparison against the paper's form."""
+    metrics = dense_record(results)["tasks"][task]
+    chance, acc0 = chance_level(task, metrics), float(metrics[acc_key])
+    note = at_chance_note(acc0, _binomial_se(metrics, acc_key), chance)
+    if note is not None:
+        return ChanceLaw(chance, note, not_fitted="the dense model is at chance")
+    if acc0 <= chance:
+        return ChanceLaw(chance, None, not_fitted=f"acc0 {acc0:.3f} is below chance {chance:.3f}")
+    points = law_points(results, task, acc_key, chance)
+    try:
+        fit, anchored = _fit_points(points)
+    except MechsliceError as err:
+        return ChanceLaw(chance, None, points, not_fitted=str(err))
+    return ChanceLaw(chance, None, points, fit, anchored, compare_forms(points, acc0, chance))
 
 
 def _nothing_fits(results: dict[str, Any], skipped: dict[str, str]) -> MechsliceError:
@@ -468,10 +517,14 @@ def fit_results(results: dict[str, Any], acc_key: str = "acc") -> FitTable:
     """Fit Prop. 2 on perplexity and Prop. 3 on every task's `acc_key` accuracy against effective sparsity.
 
     A dataset that cannot be fitted is listed in `skipped` with the reason ("cannot be fitted: ..."): under
-    two sparsities > 0 with a defined value, or a zero-width interval; MechsliceError if none fits.
+    two sparsities > 0 with a defined value, or a zero-width interval; MechsliceError if none fits, or if a
+    task has no chance level. Each accuracy row carries `chance` (`analyses.chance.ChanceLaw`): the at-chance
+    mark and the chance-corrected law beside the paper's.
     """
     _check_acc_key(acc_key)
     validate_results(results)
+    for task, metrics in dense_record(results).get("tasks", {}).items():
+        chance_level(task, metrics)  # no chance level is bad input (MechsliceError), not an unfittable law
     rows, skipped = [], {}
     for dataset in _datasets(results):
         try:
@@ -514,7 +567,8 @@ def csv_columns() -> list[str]:
     ours += ["b_ci_low", "b_ci_high", "loo_rmse", "loo_max_abs", "n_points", "dense_point_included"]
     ours += ["dof", "sigma", "sampling_error", *(f"anchored_{k}" for k in ANCHORED_CSV)]
     ours += ["n_dropped", "dropped", "not_fitted"]
-    return ours + [f"paper_{slug}_{k}" for slug in PAPER_MODELS.values() for k in ("a", "b", "rmse")]
+    paper = [f"paper_{slug}_{k}" for slug in PAPER_MODELS.values() for k in ("a", "b", "rmse")]
+    return ours + paper + list(CHANCE_CSV)
 
 
 def _fit_cells(f: LineFit) -> dict[str, object]:
@@ -556,6 +610,7 @@ def _csv_row(row: FitRow, acc_key: str) -> dict[str, object]:
         **{f"anchored_{k}": v for k, v in _fit_cells(row.anchored).items()},
         "n_dropped": len(row.points.excluded),
         "dropped": row.points.dropped_note(),
+        **chance_cells(row.chance),
     }
     for name, slug in PAPER_MODELS.items():
         paper = row.paper.get(name)
@@ -600,11 +655,6 @@ def ppl_from_y(ppl0: float, y: float) -> float | None:
         return math.exp(math.log(ppl0) / y)
     except OverflowError:
         return None
-
-
-def acc_from_y(acc0: float, y: float) -> float:
-    """Invert y = ln(acc / acc0): acc = acc0 * exp(y), capped at 1 (an accuracy cannot exceed it)."""
-    return 1.0 if y >= -math.log(acc0) else acc0 * math.exp(y)
 
 
 def ppl_from_entropy_ratio(ppl0: float, ratio: float) -> float:

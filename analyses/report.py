@@ -17,6 +17,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from analyses.chance import AT_CHANCE, AT_CHANCE_SE, CORRECTED_LAW
 from analyses.entropy import BIASED_IN_D, RANK, SIGNAL
 from analyses.laws import (
     ACC_KEYS,
@@ -36,6 +37,7 @@ from analyses.report_figures import (
     entropy_stats,
     figure_3a,
     figure_3b,
+    figure_3b_corrected,
     prediction_figure,
     predictors_figure,
     shift_bucket_figure,
@@ -147,7 +149,10 @@ def table3_html(table: FitTable, settings: dict[str, Any]) -> str:
     for r in table.rows:
         f, g = r.fit, r.anchored
         law = "ln PPL0/ln PPL" if r.metric == "perplexity" else f"ln(acc/acc0), {table.acc_key}"
-        cells = [law, _esc(dataset_label(r.dataset, settings)), str(f.n), str(f.dof), f"{f.a:+.3f}"]
+        name = _esc(dataset_label(r.dataset, settings))
+        if r.chance is not None and r.chance.at_chance is not None:
+            name += f"<br><span class=note>{_esc(AT_CHANCE)}</span>"
+        cells = [law, name, str(f.n), str(f.dof), f"{f.a:+.3f}"]
         cells.append(ci_text(f.a_ci))
         cells += [f"{f.b:+.3f}", ci_text(f.b_ci), f"{f.rmse:.3f}", fmt(f.r2), fmt(f.loo_rmse)]
         cells += [fmt(f.loo_max_abs), f"{g.a:+.3f}", ci_text(g.a_ci), f"{g.rmse:.3f}"]
@@ -173,7 +178,43 @@ def _fit_notes(table: FitTable, settings: dict[str, Any]) -> str:
         if (note := r.points.dropped_note()) is not None
     ]
     items += [f"{dataset_label(name, settings)}: {why}" for name, why in table.skipped.items()]
+    items += [
+        f"{dataset_label(r.dataset, settings)}: {r.chance.at_chance}"
+        for r in table.rows
+        if r.chance is not None and r.chance.at_chance is not None
+    ]
     return "<ul>" + "".join(f"<li>{_esc(item)}</li>" for item in items) + "</ul>" if items else ""
+
+
+def chance_section(table: FitTable, render: FigureRenderer) -> str:
+    """Per task: chance level, the at-chance rule, the chance-corrected law's fit, and which form (paper's or
+    chance-corrected) predicts left-out sparsities better; then the corrected law's figure."""
+    head = ["task", "chance c", "acc0", "at chance?", "a", "95% CI of a", "b", "RMSE", "R²"]
+    head += ["LOO acc error: paper", "LOO acc error: corrected", "better"]
+    rows = []
+    for r in table.rows:
+        law = r.chance
+        if law is None:
+            continue
+        f, duel = law.fit, law.comparison  # a fitted corrected law always has its comparison
+        cells = [_esc(task_label(r.dataset)), f"{law.chance:.3f}", fmt(table.acc0s.get(r.dataset))]
+        cells.append("yes: the law cannot be read" if law.at_chance else "no")
+        if f is None or duel is None:
+            cells += [_esc(f"not fitted: {law.not_fitted}"), *["–"] * 7]
+        else:
+            cells += [f"{f.a:+.3f}", ci_text(f.a_ci), f"{f.b:+.3f}", f"{f.rmse:.3f}", fmt(f.r2)]
+            cells += [fmt(duel.paper_rmse, ".4f"), fmt(duel.corrected_rmse, ".4f"), _esc(duel.better or "–")]
+        rows.append(cells)
+    if not rows:
+        return _note("No task's accuracy law was fitted.")
+    fig = figure_3b_corrected(table)
+    body = _table(head, rows)
+    body += render(fig) if fig is not None else _note("Not drawn: no task has a chance-corrected fit.")
+    return body + _note(
+        f"{CORRECTED_LAW}, fitted like the paper's form (dense point exact, binomial errors by the delta method). "
+        f"At chance: acc0 within {AT_CHANCE_SE:g} standard errors of c. LOO acc error: the RMSE of each sliced "
+        "point's accuracy predicted by each form's fit on the others, on the points both forms define (acc > c)."
+    )
 
 
 # ---------------------------------------------------------------- inside the network
@@ -494,6 +535,9 @@ def _law_sections(results: dict[str, Any], table: FitTable | None, render: Figur
         Section("fig3b", "Fig. 3b analogue: accuracy law (Prop. 3)", fig3b),
         Section(
             "table3", "Table 3 analogue: fitted coefficients beside the paper's", table3_html(table, settings)
+        ),
+        Section(
+            "chance", "Chance level and the chance-corrected accuracy law", chance_section(table, render)
         ),
     ]
 

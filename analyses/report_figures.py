@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
+from analyses.chance import AT_CHANCE
 from analyses.fits import LineFit
 from analyses.laws import (
     DENSE_TOLERANCE,
@@ -37,6 +38,7 @@ SHIFT_PANELS = (
 
 # One distinct hue per task (a qualitative palette: a sequential one makes tasks look like an ordered series).
 TASK_COLORS = qualitative.D3
+AT_CHANCE_COLOR = "#b0b0b0"  # a task at chance: drawn apart, grey
 X_SPREAD = 0.012  # neighbouring tasks' points: this share of the s range apart, ~12 px, past a 4 px bar cap
 DENSE_COLOR = "black"
 S_COLOR_MAX = 0.6  # sparsities from here on share the lightest colour
@@ -146,36 +148,49 @@ def _offsets(n: int, fits: Sequence[LineFit]) -> list[float]:
     return [(i - (n - 1) / 2) * step for i in range(n)]
 
 
+def _task_traces(
+    label: str,
+    color: str,
+    points: tuple[Sequence[float], Sequence[float], Sequence[float | None]],
+    fit: LineFit,
+    shift: float,
+    y_name: str,
+) -> list[go.Scatter]:
+    """One task's points (shifted by `shift` along s, the true s in the hover) with error bars, and its fit."""
+    s, y, err = points
+    dots = go.Scatter(
+        x=[v + shift for v in s],
+        y=y,
+        customdata=s,
+        hovertemplate=f"{label}<br>s = %{{customdata:.3f}}<br>{y_name} = %{{y:.3f}}<extra></extra>",
+        mode="markers",
+        name=label,
+        marker=dict(color=color, size=8),
+        error_y=dict(
+            type="data",
+            array=[0.0 if e is None else e for e in err],
+            visible=any(e is not None for e in err),
+        ),
+        legendgroup=label,
+    )
+    line = _fit_trace(fit, label, color)
+    line.legendgroup = label
+    return [dots, line]
+
+
 def figure_3b(results: dict[str, Any], table: FitTable) -> go.Figure:
     """Fig. 3b analogue: ln(acc/acc0) per task against effective sparsity, with error bars, our fitted line
     and Table 3's lines, one qualitative colour per task; points are shifted a little along s (hover: the
-    true s) so that the tasks' error bars stay apart."""
+    true s) so that the tasks' error bars stay apart. A task at chance is drawn grey, labelled so."""
     fig = go.Figure()
     rows = [r for r in table.rows if r.metric == "accuracy"]
     for i, (row, shift) in enumerate(zip(rows, _offsets(len(rows), [r.fit for r in rows]), strict=True)):
-        color = TASK_COLORS[i % len(TASK_COLORS)]
-        s, y, err = accuracy_points(results, row.dataset, table.acc_key)
-        label = task_label(row.dataset)
-        fig.add_trace(
-            go.Scatter(
-                x=[v + shift for v in s],
-                y=y,
-                customdata=s,
-                hovertemplate=f"{label}<br>s = %{{customdata:.3f}}<br>ln(acc/acc0) = %{{y:.3f}}<extra></extra>",
-                mode="markers",
-                name=label,
-                marker=dict(color=color, size=8),
-                error_y=dict(
-                    type="data",
-                    array=[0.0 if e is None else e for e in err],
-                    visible=any(e is not None for e in err),
-                ),
-                legendgroup=label,
-            )
-        )
-        fit_line = _fit_trace(row.fit, label, color)
-        fit_line.legendgroup = label
-        fig.add_trace(fit_line)
+        at_chance = row.chance is not None and row.chance.at_chance is not None
+        color = AT_CHANCE_COLOR if at_chance else TASK_COLORS[i % len(TASK_COLORS)]
+        label = task_label(row.dataset) + (f" ({AT_CHANCE})" if at_chance else "")
+        points = accuracy_points(results, row.dataset, table.acc_key)
+        for trace in _task_traces(label, color, points, row.fit, shift, "ln(acc/acc0)"):
+            fig.add_trace(trace)
         for trace in _paper_line_traces(row.fit, row.dataset, color, label):
             fig.add_trace(trace)
     fig.update_layout(
@@ -183,6 +198,29 @@ def figure_3b(results: dict[str, Any], table: FitTable) -> go.Figure:
         "solid: our fit, dashed: Table 3 Llama-3, dash-dot: Phi-3)",
         xaxis_title="effective sparsity s = 1 - d'/d (points spread slightly per task)",
         yaxis_title="ln(acc / acc0)",
+    )
+    return fig
+
+
+def figure_3b_corrected(table: FitTable) -> go.Figure | None:
+    """The chance-corrected law: ln((acc - c)/(acc0 - c)) per task against s with its fit (bars: ±1 se of each
+    point's own acc, delta method); tasks at chance or without a corrected fit are left out. None when no task
+    has one."""
+    rows = [r for r in table.rows if r.chance is not None and r.chance.fit is not None]
+    if not rows:
+        return None
+    fig = go.Figure()
+    for i, (row, shift) in enumerate(zip(rows, _offsets(len(rows), [r.fit for r in rows]), strict=True)):
+        law = row.chance
+        points = (law.points.s, law.points.y, np.sqrt(law.points.var))  # own error only, as in Fig. 3b
+        label = f"{task_label(row.dataset)} (c = {law.chance:.3f})"
+        for trace in _task_traces(label, TASK_COLORS[i % len(TASK_COLORS)], points, law.fit, shift, "y"):
+            fig.add_trace(trace)
+    fig.update_layout(
+        title=f"Chance-corrected accuracy law: ln((acc - c)/(acc0 - c)) vs effective sparsity ({table.acc_key}; "
+        "bars ±1 se)",
+        xaxis_title="effective sparsity s = 1 - d'/d (points spread slightly per task)",
+        yaxis_title="ln((acc - c) / (acc0 - c))",
     )
     return fig
 

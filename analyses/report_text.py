@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from analyses.chance import CORRECTED_FORM, PAPER_FORM, TIE, ChanceLaw
 from analyses.entropy import RANK
 from analyses.laws import (
     PAPER_DATASETS,
@@ -22,9 +23,8 @@ from analyses.laws import (
 )
 
 PAPER_SHORT = {"Llama-3-8B-Instruct": "Llama-3", "Phi-3-mini-4k-Instruct": "Phi-3"}
-# Accuracy of a uniform guess, 1 / number of choices (ARC has a few 3- and 5-choice questions; 4 is the rule).
-CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "piqa": 0.5, "winogrande": 0.5}
-# acc0 closer than this to chance leaves ln(acc/acc0) little room to fall (at most ln(chance/acc0)).
+# acc0 closer than this to chance (yet clear of the at-chance rule's 3 standard errors) leaves ln(acc/acc0) little
+# room to fall (at most ln(chance/acc0)).
 NEAR_CHANCE = 0.05
 # A slope interval wider than +-0.25 cannot tell the paper's two models apart (a = -1.08 and -0.90) nor either
 # from -1 by more than its own width, so the summary calls it inconclusive instead of "holds".
@@ -164,11 +164,14 @@ def _prop3_summary(table: FitTable, task: str, results: dict[str, Any]) -> str:
         text += "Accuracy rises with s, against Prop. 3. "
     else:
         text += "The slope's interval includes 0: no significant trend. "
-    acc0, chance = table.acc0s.get(task), CHANCE.get(task)
-    if acc0 is not None and chance is not None:
-        text += f"acc0 = {acc0:.3f} against chance {chance:.2f}. "
-        if acc0 <= chance:
-            text += "The dense model is already at or below chance, so this slope carries no signal. "
+    acc0, law = table.acc0s.get(task), row.chance
+    if acc0 is not None and law is not None:
+        chance = law.chance
+        text += f"acc0 = {acc0:.3f} against chance {chance:.3f}. "
+        if law.at_chance is not None:
+            text += f"The dense model is {law.at_chance}. "
+        elif acc0 <= chance:
+            text += "The dense model is already below chance, so this slope carries no signal. "
         elif acc0 - chance < NEAR_CHANCE:
             text += (
                 f"That is close to chance: ln(acc/acc0) can fall by at most ln(chance/acc0) = "
@@ -176,7 +179,43 @@ def _prop3_summary(table: FitTable, task: str, results: dict[str, Any]) -> str:
             )
     if _resolved(results, task, table.acc_key) is False:
         text += "No accuracy change exceeds two standard errors of the item sample. "
+    if law is not None:
+        text += _corrected_sentence(law)
     return text.rstrip()
+
+
+def _corrected_sentence(law: ChanceLaw) -> str:
+    """The chance-corrected law's slope and which form predicts the held-out accuracies better."""
+    if law.fit is None:
+        return "" if law.at_chance else f"Chance-corrected law not fitted: {law.not_fitted}. "
+    text = f"Chance-corrected, ln((acc - c)/(acc0 - c)): a = {law.fit.a:+.3f} {ci_text(law.fit.a_ci)}, b = {law.fit.b:+.3f}. "
+    duel = law.comparison
+    if duel is None or duel.better is None:
+        return text + "Leave-one-out cannot compare the two forms (a fold cannot be fitted). "
+    verdict = {TIE: "both forms predict equally well"}.get(
+        duel.better, f"the {duel.better} form predicts better"
+    )
+    return text + (
+        f"Leave-one-out accuracy error over {sparsity_count(duel.n)}: paper's form {duel.paper_rmse:.4f}, "
+        f"chance-corrected {duel.corrected_rmse:.4f}: {verdict}. "
+    )
+
+
+def _forms_summary(table: FitTable) -> str | None:
+    """One line: on how many tasks each form of the accuracy law predicts held-out points better."""
+    verdicts = {
+        r.dataset: r.chance.comparison.better
+        for r in table.rows
+        if r.chance is not None and r.chance.comparison is not None and r.chance.comparison.better
+    }
+    if not verdicts:
+        return None
+    parts = [
+        f"{form} on {len(names)} ({', '.join(map(task_label, names))})"
+        for form in (CORRECTED_FORM, PAPER_FORM, TIE)
+        if (names := [t for t, v in verdicts.items() if v == form])
+    ]
+    return f"Which form of the accuracy law predicts left-out sparsities better (leave-one-out): {'; '.join(parts)}."
 
 
 def _entropy_summary(results: dict[str, Any]) -> list[str]:
@@ -251,6 +290,8 @@ def summary(results: dict[str, Any], table: FitTable | None, fit_error: str | No
     if tasks:
         lines.append(f"Accuracy law (Prop. 3, y = ln(acc/acc0), {table.acc_key}):")
         lines += [_prop3_summary(table, t, results) for t in tasks]
+        forms = _forms_summary(table)
+        lines += [] if forms is None else [forms]
     lines += [f"{task_label(name)}: {why}" for name, why in table.skipped.items() if name != PPL]
     lines += _entropy_summary(results)
     return lines

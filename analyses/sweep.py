@@ -213,6 +213,8 @@ def _evaluate(
             "acc_norm_stderr": mc.acc_norm_stderr,
             "n": mc.n,
             "split": mc.split,
+            "chance": mc.chance,
+            **({} if mc.perplexity is None else {"perplexity": mc.perplexity}),
         }
         seconds[task] = mc.seconds
     start = time.perf_counter()

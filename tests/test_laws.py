@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from analyses.chance import AT_CHANCE, at_chance_note
 from analyses.fits import fit_line, loo_errors
 from analyses.laws import (
     PAPER_TABLE3,
@@ -612,3 +613,126 @@ def test_old_results_without_stderr_still_fit(keep: tuple[str, ...], sampling: s
     if sampling == "n":  # the item count gives scoring.rate's standard error
         acc0 = results["records"][0]["tasks"]["arc_easy"]["acc"]
         assert row.points.shared_var == pytest.approx(acc0 * (1 - acc0) / 499 / acc0**2, rel=1e-12)
+
+
+# ---------------------------------------------------------------- chance: the at-chance rule, the corrected law
+
+
+def chance_sweep(
+    acc0: dict[str, float], law: str, slope: float = -1.5, stderr: float = 0.01
+) -> dict[str, Any]:
+    """Four-choice tasks (chance 0.25, recorded) whose acc follows one form exactly: "paper" acc0 e^(a s), or
+    "corrected" c + (acc0 - c) e^(a s)."""
+    results = make_results()
+    for rec in results["records"]:
+        s = rec["effective_sparsity"]
+        rec["tasks"] = {}
+        for task, base in acc0.items():
+            acc = base * math.exp(slope * s) if law == "paper" else 0.25 + (base - 0.25) * math.exp(slope * s)
+            rec["tasks"][task] = {"acc": acc, "stderr": stderr, "n": 500, "chance": 0.25}
+    return results
+
+
+def test_a_task_at_chance_is_marked_and_one_clearly_above_is_not(tmp_path: Path, capsys) -> None:
+    # ARC-c's acc0 0.26 is 1 standard error (0.013) from chance 0.25; ARC-e's 0.60 is 27 away.
+    results = chance_sweep({"arc_easy": 0.60, "arc_challenge": 0.26}, "paper", stderr=0.013)
+    table = fit_results(results)
+    low, high = table.row("arc_challenge").chance, table.row("arc_easy").chance
+    assert (
+        low.at_chance.startswith(AT_CHANCE)
+        and "within 3 standard errors, 0.039, of chance 0.250" in low.at_chance
+    )
+    assert low.fit is None and low.not_fitted == "the dense model is at chance"
+    assert high.at_chance is None and high.fit is not None
+    assert table.row("arc_challenge").fit.a == pytest.approx(-1.5)  # the paper's form is still fitted, marked
+    folder = write_results(tmp_path / "run", results)
+    assert main(["fit", str(folder)]) == 0
+    text = capsys.readouterr().out
+    assert text.count(AT_CHANCE) == 1 and "chance 0.250; at chance: the law cannot be read" in text
+    rows = {r["dataset"]: r for r in csv.DictReader((folder / "fits.csv").open())}
+    assert rows["arc_challenge"]["at_chance"].startswith(AT_CHANCE) and rows["arc_easy"]["at_chance"] == ""
+    assert rows["arc_challenge"]["chance"] == "0.25" and rows["arc_challenge"]["corrected_a"] == ""
+    fits = {r["dataset"]: r for r in json.loads((folder / "fits.json").read_text())["rows"]}
+    assert fits["arc_challenge"]["chance"]["at_chance"].startswith(AT_CHANCE)
+    assert fits["arc_easy"]["chance"]["at_chance"] is None
+
+
+def test_at_chance_rule_edges() -> None:
+    assert at_chance_note(0.2799, 0.01, 0.25) is not None  # just inside 3 standard errors
+    assert at_chance_note(0.2801, 0.01, 0.25) is None
+    assert at_chance_note(0.20, 0.01, 0.25) is None  # far below chance is not "at" it
+    assert at_chance_note(0.25, None, 0.25) is None  # no standard error: nothing to judge by
+
+
+def test_chance_corrected_fit_recovers_known_coefficients_and_wins_on_its_own_data() -> None:
+    table = fit_results(chance_sweep({"arc_easy": 0.7}, "corrected", slope=-2.0))
+    law = table.row("arc_easy").chance
+    assert (law.chance, law.at_chance) == (0.25, None)
+    assert law.fit.a == pytest.approx(-2.0, abs=1e-12) and law.fit.b == pytest.approx(0.0, abs=1e-12)
+    assert law.anchored.a == pytest.approx(-2.0, abs=1e-12) and law.fit.rmse < 1e-12
+    # Errors propagate as in the paper's form, by the delta method around acc - c: Var = se^2 / (acc - c)^2.
+    assert law.points.shared_var == pytest.approx((0.01 / (0.7 - 0.25)) ** 2)
+    sliced = ~law.points.exact
+    want = (0.01 / (law.points.values[sliced] - 0.25)) ** 2
+    np.testing.assert_allclose(law.points.var[sliced], want)
+    assert law.fit.a_ci[0] < -2.0 < law.fit.a_ci[1]
+    assert law.comparison.corrected_rmse < 1e-12 < law.comparison.paper_rmse
+    assert law.comparison.better == "chance-corrected" and law.comparison.n == 5
+    # On data that follow the paper's form exactly, the paper's form predicts better.
+    paper = fit_results(chance_sweep({"arc_easy": 0.7}, "paper", slope=-2.0)).row("arc_easy").chance
+    assert paper.comparison.paper_rmse < 1e-12 < paper.comparison.corrected_rmse
+    assert paper.comparison.better == "paper"
+
+
+def test_loo_comparison_by_hand() -> None:
+    # Each fold refits the paper's unconstrained line on the other points; its y is mapped back to acc.
+    results = chance_sweep({"arc_easy": 0.7}, "corrected", slope=-2.0)
+    for i, rec in enumerate(results["records"][1:]):
+        rec["tasks"]["arc_easy"]["acc"] += 0.01 * (-1) ** i
+    law = fit_results(results).row("arc_easy").chance
+    s, acc, exact = law.points.s, law.points.values, law.points.exact
+    errors = {"paper": [], "corrected": []}
+    for i in np.flatnonzero(~exact):
+        keep = np.arange(len(s)) != i
+        for form, c in (("paper", 0.0), ("corrected", 0.25)):
+            y = np.log((acc - c) / (0.7 - c))
+            a, b = np.polyfit(s[keep], y[keep], 1)
+            errors[form].append(acc[i] - (c + (0.7 - c) * math.exp(a * s[i] + b)))
+    assert law.comparison.paper_rmse == pytest.approx(math.sqrt(np.mean(np.square(errors["paper"]))))
+    assert law.comparison.corrected_rmse == pytest.approx(math.sqrt(np.mean(np.square(errors["corrected"]))))
+
+
+def test_corrected_law_drops_points_at_or_below_chance() -> None:
+    results = chance_sweep({"arc_easy": 0.7}, "paper", slope=-2.0)
+    results["records"][-1]["tasks"]["arc_easy"]["acc"] = 0.24  # below chance, above 0
+    row = fit_results(results).row("arc_easy")
+    assert row.points.excluded == [] and len(row.chance.points.excluded) == 1
+    assert "acc <= chance 0.250" in row.chance.points.dropped_note()
+    assert row.chance.comparison.n == len(results["records"]) - 2
+
+
+def test_old_results_take_the_registered_tasks_chance() -> None:
+    # make_results records no chance (sweeps before it did): PIQA's two choices, HellaSwag's four.
+    table = fit_results(make_results())
+    assert table.row("piqa").chance.chance == 0.5 and table.row("hellaswag").chance.chance == 0.25
+
+
+def test_chance_undefined_for_a_user_task_or_out_of_range_is_one_error_line(tmp_path: Path, capsys) -> None:
+    mine = make_results()
+    for rec in mine["records"]:
+        rec["tasks"]["my_quiz"] = dict(rec["tasks"]["piqa"])
+    bad = chance_sweep({"arc_easy": 0.6}, "paper")
+    bad["records"][2]["tasks"]["arc_easy"]["chance"] = 1.5
+    cases = [
+        (mine, "task 'my_quiz' records no chance level and is not one of mechslice's tasks"),
+        (bad, "task arc_easy has chance 1.5, not a number in [0, 1)"),
+    ]
+    for i, (results, message) in enumerate(cases):
+        folder = write_results(tmp_path / str(i), results)
+        assert main(["fit", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+        assert not (folder / "fits.json").exists() and not (folder / "fits.csv").exists()
+    for rec in mine["records"]:
+        rec["tasks"]["my_quiz"]["chance"] = 0.5  # stated: now it fits
+    assert fit_results(mine).row("my_quiz").chance.chance == 0.5

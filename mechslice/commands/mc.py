@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     splits = ", ".join(f"{task}: {split}" for task, split in DEFAULT_SPLITS.items())
     parser = subparsers.add_parser(
         "mc",
-        help="zero-shot multiple-choice accuracy (acc, acc_norm) on ARC-e/c, PIQA, WinoGrande, HellaSwag",
+        help="zero-shot accuracy (acc, acc_norm) on a multiple-choice task, or LAMBADA's last word",
         description=f"Log-likelihood multiple-choice accuracy. Default splits: {splits}.",
     )
     parser.add_argument("--task", required=True, help=f"one of: {', '.join(DEFAULT_SPLITS)}")
@@ -43,12 +43,18 @@ def _acc_norm(payload: dict[str, Any]) -> str:
 
 
 def _text(payload: dict[str, Any]) -> str:
-    return (
-        f"{payload['model']} ({payload['dtype']}) on {payload['task']} ({payload['split']} split, {payload['n']} items, {payload['source']})\n"
-        f"  acc      {payload['acc']:.4f} ± {_stderr(payload['acc_stderr'])}\n"
-        f"  acc_norm {_acc_norm(payload)}\n"
-        f"  {payload['seconds']:.1f} s, {payload['items_per_s']:.2f} items/s"
-    )
+    greedy = payload["perplexity"] is not None
+    lines = [
+        f"{payload['model']} ({payload['dtype']}) on {payload['task']} ({payload['split']} split, {payload['n']} items, {payload['source']})",
+        f"  acc      {payload['acc']:.4f} ± {_stderr(payload['acc_stderr'])}"
+        + (" (greedy decoding produces the last word)" if greedy else ""),
+        f"  acc_norm {_acc_norm(payload)}",
+        f"  chance   {payload['chance']:.4f}" + (" (a guessed word: ~1/vocabulary)" if greedy else ""),
+    ]
+    if greedy:
+        lines.append(f"  perplexity of the last word {payload['perplexity']:.4f}")
+    lines.append(f"  {payload['seconds']:.1f} s, {payload['items_per_s']:.2f} items/s")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:

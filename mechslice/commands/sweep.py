@@ -10,6 +10,7 @@ from mechslice.commands._common import add_model_args, emit, show_progress
 from mechslice.corpora import SAMPLERS
 from mechslice.errors import MechsliceError
 from mechslice.lmeval import MC_BACKENDS
+from mechslice.mc.tasks import TASKS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="sparsity sweep: slice, evaluate, fit the laws, write the report")
     add_model_args(p)
     p.add_argument("--sparsities", type=_floats, default=None, help="e.g. 0,0.1,0.15,0.2,0.25,0.3,0.4,0.5")
-    p.add_argument("--tasks", type=_names, default=None, help="ppl,arc_easy,arc_challenge,winogrande,piqa")
+    p.add_argument(
+        "--tasks",
+        type=_names,
+        default=None,
+        help=f"default ppl,arc_easy,arc_challenge,winogrande,piqa; choose from ppl,{','.join(TASKS)}",
+    )
     p.add_argument("--rotation", choices=["per-layer", "global"], default=None)
     p.add_argument("--shared", action="store_true", help="calibrate once and slice every sparsity from it")
     p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="results folder (default runs/sweep)")

