@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     Under torchrun (WORLD_SIZE > 1) it joins the process group first and leaves it at the end; only rank 0
     prints results on stdout (errors still go to every rank's stderr).
     """
-    warnings.showwarning = _show_warning
+    previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         args = build_parser().parse_args(argv)
         with _one_process_group(), _stdout_on_rank0():
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        warnings.showwarning = previous  # an in-process caller (a notebook, a test) keeps its own handler
 
 
 @contextlib.contextmanager
