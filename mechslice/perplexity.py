@@ -74,7 +74,9 @@ def window_nll(model: PreTrainedModel, windows: Int[Tensor, "b seqlen"]) -> Floa
         stop = min(start + _LOGIT_CHUNK, windows.shape[1] - 1)
         logits = head(hidden[:, start:stop]).float()
         targets = windows[:, start + 1 : stop + 1]
-        out[:, start:stop] = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        # rows of (token, vocab) in memory order: a (batch, vocab, pos) view makes cross_entropy ~2x slower on CPU
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        out[:, start:stop] = nll.view(targets.shape)
     return out
 
 
