@@ -4,11 +4,11 @@ Proposition 2: y = ln PPL0 / ln PPL, which the paper says equals 1 - s (a = -1, 
 Proposition 3: y = ln(acc / acc0), per multiple-choice task, proportional to 1 - s.
 Beside Prop. 3, per task, its chance-corrected form and the at-chance rule (`analyses.chance`).
 Both are fitted as y = a*s + b against the EFFECTIVE sparsity s = 1 - d'/d, with the dense model included as
-the point s = 0 (y = 1, resp. 0), as in the paper's Fig. 3; the paper's Table 3 is kept here for comparison.
+the point s = 0 (y = 1, resp. 0), as in the paper's Fig. 3; the paper's Table 3 (`analyses.paper`) is set beside it.
 That point is exact by construction, not an observation: it earns no degree of freedom, and a second fit,
 `anchored`, is the line through it (y = 1 + a s, resp. a s). Accuracy intervals carry the binomial sampling
 error of every acc and of the acc0 all points share (see `analyses.fits` for the model).
-Input is `DIR/results.json` as written by the sweep; output `DIR/fits.json` and `DIR/fits.csv`.
+Input is `DIR/results.json` as written by the sweep (`analyses.results`); output `DIR/fits.json` and `DIR/fits.csv`.
 """
 
 from __future__ import annotations
@@ -34,16 +34,24 @@ from analyses.chance import (
 )
 from analyses.entropy import BIASED_IN_D, RatioSignal, ratio_signal
 from analyses.fits import LineFit, fit_line
+from analyses.paper import LAWS, PAPER_DATASETS, PAPER_MODELS, PAPER_TABLE3, PaperFit
+from analyses.results import (
+    ACC_KEYS,
+    DENSE_TOLERANCE,
+    PPL,
+    STDERR_KEYS,
+    check_acc_key,
+    dense_record,
+    is_number,
+    results_dtype,
+    validate_results,
+)
 from mechslice import distributed
 from mechslice.atomic import atomic_write_text
 from mechslice.errors import MechsliceError
 
-RESULTS_FILE = "results.json"
 FITS_JSON = "fits.json"
 FITS_CSV = "fits.csv"
-PPL = "ppl"
-ACC_KEYS = ("acc", "acc_norm")
-DENSE_TOLERANCE = 1e-12  # effective sparsity below this is the dense model (it is 1 - d/d = 0 exactly)
 DENSE_NOTE = (
     "s is the effective sparsity 1 - d'/d; the paper's fit (a, b) includes the dense model as the point s=0 "
     "(y=1 for perplexity, y=0 for accuracy), as in the paper's Fig. 3; that point is exact by construction, so "
@@ -51,150 +59,6 @@ DENSE_NOTE = (
     "dof = sparsities > 0 minus 1); accuracy intervals include the standard errors of acc and of acc0 "
     "where results.json records them (column sampling_error)"
 )
-# Where a task's standard error is stored in a results record, per accuracy key.
-STDERR_KEYS = {"acc": "stderr", "acc_norm": "acc_norm_stderr"}
-LAWS = {"perplexity": "y = ln PPL0 / ln PPL (Prop. 2)", "accuracy": "y = ln(acc / acc0) (Prop. 3)"}
-
-
-@dataclass(frozen=True)
-class PaperFit:
-    """One cell group of the paper's Table 3: the fitted a, b and the RMSE of the fit."""
-
-    a: float
-    b: float
-    rmse: float
-
-
-# Table 3 of the paper (Appendix A.2), keyed by our task names; the columns of fits.csv use the slugs.
-PAPER_MODELS = {"Llama-3-8B-Instruct": "llama3_8b", "Phi-3-mini-4k-Instruct": "phi3_mini"}
-PAPER_DATASETS = {
-    PPL: "WikiText2",
-    "arc_easy": "ARC-e",
-    "arc_challenge": "ARC-c",
-    "winogrande": "WinoGrande",
-    "piqa": "PIQA",
-}
-PAPER_TABLE3: dict[str, dict[str, PaperFit]] = {
-    PPL: {
-        "Llama-3-8B-Instruct": PaperFit(-1.08, 0.96, 0.03),
-        "Phi-3-mini-4k-Instruct": PaperFit(-0.90, 1.02, 0.01),
-    },
-    "arc_easy": {
-        "Llama-3-8B-Instruct": PaperFit(-2.14, 0.04, 0.05),
-        "Phi-3-mini-4k-Instruct": PaperFit(-1.84, 0.04, 0.04),
-    },
-    "arc_challenge": {
-        "Llama-3-8B-Instruct": PaperFit(-2.02, -0.07, 0.09),
-        "Phi-3-mini-4k-Instruct": PaperFit(-1.88, -0.01, 0.02),
-    },
-    "winogrande": {
-        "Llama-3-8B-Instruct": PaperFit(-0.86, -0.02, 0.02),
-        "Phi-3-mini-4k-Instruct": PaperFit(-0.66, -0.02, 0.02),
-    },
-    "piqa": {
-        "Llama-3-8B-Instruct": PaperFit(-0.91, -0.01, 0.03),
-        "Phi-3-mini-4k-Instruct": PaperFit(-0.90, 0.01, 0.01),
-    },
-}
-
-
-# ---------------------------------------------------------------- reading and checking results.json
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def validate_results(results: object, where: str = RESULTS_FILE) -> dict[str, Any]:
-    """Check the structure of a sweep's results (model, records with effective sparsity, ppl, tasks)."""
-    fix = "rerun the sweep into a fresh folder"
-    if not isinstance(results, dict) or not isinstance(results.get("model"), str):
-        raise MechsliceError(f"{where} is not a sweep result (no 'model' name); {fix}")
-    records = results.get("records")
-    if not isinstance(records, list) or not records:
-        raise MechsliceError(f"{where} has no 'records' list or it is empty; {fix}")
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise MechsliceError(f"{where}: record {i} is not an object; {fix}")
-        s = rec.get("effective_sparsity")
-        if not _is_number(s) or not 0.0 <= s < 1.0:
-            raise MechsliceError(
-                f"{where}: record {i} has effective_sparsity {s!r}, not a number in [0, 1); {fix}"
-            )
-        if rec.get("ppl") is not None and not _is_number(rec["ppl"]):
-            raise MechsliceError(f"{where}: record {i} has ppl {rec['ppl']!r}, not a number or null; {fix}")
-        tasks = rec.get("tasks", {})
-        if not isinstance(tasks, dict) or not all(isinstance(v, dict) for v in tasks.values()):
-            raise MechsliceError(f"{where}: record {i} has 'tasks' that is not an object of objects; {fix}")
-        for task, metrics in tasks.items():
-            # acc_norm is null where the task defines none (WinoGrande); a fit on acc_norm skips that task
-            bad = [
-                k
-                for k in ACC_KEYS
-                if k in metrics and not _is_number(metrics[k]) and (k, metrics[k]) != ("acc_norm", None)
-            ]
-            if bad:
-                raise MechsliceError(f"{where}: record {i} task {task} has a non-number {bad[0]}; {fix}")
-            chance = metrics.get("chance")
-            if chance is not None and not (_is_number(chance) and 0.0 <= chance < 1.0):
-                raise MechsliceError(
-                    f"{where}: record {i} task {task} has chance {chance!r}, not a number in [0, 1); {fix}"
-                )
-    dense = [rec for rec in records if rec["effective_sparsity"] < DENSE_TOLERANCE]
-    if len(dense) != 1:
-        raise MechsliceError(
-            f"{where} has {len(dense)} dense records (effective_sparsity 0), needs one for PPL0 and acc0; "
-            "rerun the sweep including sparsity 0"
-        )
-    return results
-
-
-def load_results(directory: str | Path) -> dict[str, Any]:
-    """Read and validate `directory/results.json`; a clear error for a missing folder or file, or bad JSON."""
-    folder = Path(directory)
-    if folder.is_file():
-        hint = f"; pass its folder {folder.parent}" if folder.name == RESULTS_FILE else ""
-        raise MechsliceError(
-            f"{folder} is a file, not a results folder{hint}; pass the --out folder of a sweep (it holds {RESULTS_FILE})"
-        )
-    if not folder.is_dir():
-        raise MechsliceError(f"results folder {folder} does not exist; pass the --out folder of a sweep")
-    path = folder / RESULTS_FILE
-    if not path.is_file():
-        raise MechsliceError(f"{path} not found; run `mechslice sweep --out {folder}` first")
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MechsliceError(
-            f"{path} is not valid JSON ({err}); rerun the sweep or restore the file"
-        ) from err
-    return validate_results(results, where=str(path))
-
-
-def results_dtype(results: dict[str, Any]) -> str:
-    """The dtype a sweep's numbers were computed in; sweeps from before the dtype setting ran in float32."""
-    return results.get("settings", {}).get("dtype", "float32")
-
-
-def check_same_model(results: dict[str, Any], model_name: str, fingerprint: str) -> None:
-    """Refuse results made by another model than `model_name` / `fingerprint` (e.g. when resuming a sweep)."""
-    theirs, their_print = results.get("model"), results.get("model_fingerprint")
-    if theirs != model_name or their_print != fingerprint:
-        raise MechsliceError(
-            f"these results were made with model {theirs!r} (fingerprint {their_print!r}), "
-            f"not {model_name!r} "
-            f"(fingerprint {fingerprint!r}); use a new output folder or the same model"
-        )
-
-
-def dense_record(results: dict[str, Any]) -> dict[str, Any]:
-    """The record of the unpruned model (effective sparsity 0): it carries PPL0 and acc0."""
-    return next(rec for rec in results["records"] if rec["effective_sparsity"] < DENSE_TOLERANCE)
-
-
-def _check_acc_key(acc_key: str) -> None:
-    if acc_key not in ACC_KEYS:
-        raise MechsliceError(f"accuracy key {acc_key!r} is not one of {', '.join(ACC_KEYS)}")
 
 
 # ---------------------------------------------------------------- fitting
@@ -242,10 +106,10 @@ class LawPoints:
 def _binomial_se(metrics: dict[str, Any], acc_key: str) -> float | None:
     """Standard error of a task's accuracy: as recorded, else from its item count n (scoring.rate's form)."""
     se = metrics.get(STDERR_KEYS[acc_key])
-    if _is_number(se):
+    if is_number(se):
         return float(se)
     n, p = metrics.get("n"), metrics.get(acc_key)
-    if isinstance(n, int) and n > 1 and _is_number(p):
+    if isinstance(n, int) and n > 1 and is_number(p):
         return math.sqrt(p * (1.0 - p) / (n - 1))
     return None
 
@@ -255,7 +119,7 @@ def _item_count(metrics: dict[str, Any], acc_key: str) -> int | None:
     if isinstance(metrics.get("n"), int):
         return int(metrics["n"])
     se, p = metrics.get(STDERR_KEYS[acc_key]), metrics.get(acc_key)
-    if _is_number(se) and se > 0 and _is_number(p):
+    if is_number(se) and se > 0 and is_number(p):
         return round(p * (1.0 - p) / se**2) + 1
     return None
 
@@ -340,7 +204,7 @@ def law_points(results: dict[str, Any], dataset: str, acc_key: str = "acc", chan
         var=np.where(exact, 0.0, np.asarray(variances, dtype=np.float64)),
         shared_var=float(_log_acc_var(dense_metrics, acc_key, chance)),
         n_items=_item_count(dense_metrics, acc_key),
-        sampling="stderr" if _is_number(dense_metrics.get(STDERR_KEYS[acc_key])) else "n",
+        sampling="stderr" if is_number(dense_metrics.get(STDERR_KEYS[acc_key])) else "n",
     )
 
 
@@ -521,7 +385,7 @@ def fit_results(results: dict[str, Any], acc_key: str = "acc") -> FitTable:
     task has no chance level. Each accuracy row carries `chance` (`analyses.chance.ChanceLaw`): the at-chance
     mark and the chance-corrected law beside the paper's.
     """
-    _check_acc_key(acc_key)
+    check_acc_key(acc_key)
     validate_results(results)
     for task, metrics in dense_record(results).get("tasks", {}).items():
         chance_level(task, metrics)  # no chance level is bad input (MechsliceError), not an unfittable law
@@ -642,7 +506,7 @@ def write_fits(table: FitTable, directory: str | Path) -> tuple[Path, Path]:
 
 def check_sparsity(sparsity: float) -> float:
     """A sparsity must lie in [0, 1): at s = 1 nothing of the residual stream is left."""
-    if not (_is_number(sparsity) and 0.0 <= sparsity < 1.0):
+    if not (is_number(sparsity) and 0.0 <= sparsity < 1.0):
         raise MechsliceError(f"sparsity {sparsity!r} is outside [0, 1); pass e.g. --sparsity 0.25")
     return float(sparsity)
 
@@ -659,9 +523,9 @@ def ppl_from_y(ppl0: float, y: float) -> float | None:
 
 def ppl_from_entropy_ratio(ppl0: float, ratio: float) -> float:
     """Prop. 2 read literally with H'/H in place of 1 - s: PPL = exp(ln PPL0 / ratio) (inf on overflow)."""
-    if not (_is_number(ratio) and ratio > 0.0):
+    if not (is_number(ratio) and ratio > 0.0):
         raise MechsliceError(f"entropy ratio {ratio!r} must be a positive number")
-    if not (_is_number(ppl0) and ppl0 >= 1.0):
+    if not (is_number(ppl0) and ppl0 >= 1.0):
         raise MechsliceError(f"dense perplexity {ppl0!r} must be a number >= 1")
     ppl = ppl_from_y(ppl0, ratio)
     return math.inf if ppl is None else ppl
@@ -751,7 +615,7 @@ def record_signal(rec: dict[str, Any], stats: dict[str, Any]) -> RatioSignal | N
     ratios = stats.get("ratio_per_layer")
     if not ratios:
         mean = stats.get("ratio_mean")
-        return RatioSignal(float(mean), [], {}) if _is_number(mean) else None
+        return RatioSignal(float(mean), [], {}) if is_number(mean) else None
     h0, h1 = stats.get("per_layer_dense"), stats.get("per_layer")
     same = stats.get("same_sign_per_layer")
     if same is None and h0 and h1 and len(h0) == len(h1) == len(ratios):
@@ -779,7 +643,7 @@ def entropy_predictions(
             if not isinstance(stats, dict) or (estimator in BIASED_IN_D and not include_knn):
                 continue
             signal = record_signal(rec, stats)
-            if signal is None or not (_is_number(signal.ratio) and signal.ratio > 0.0):
+            if signal is None or not (is_number(signal.ratio) and signal.ratio > 0.0):
                 continue
             measured = math.log(rec["ppl"])
             predicted = math.log(ppl0) / signal.ratio  # ln of ppl_from_entropy_ratio, without overflow

@@ -44,19 +44,18 @@ from analyses.entropy import (
     ratio_signal,
     stream_spectra,
 )
-from analyses.laws import (
+from analyses.laws import entropy_predictions, fit_results, predict
+from analyses.layer_entropy import residual_samples
+from analyses.results import (
     DENSE_TOLERANCE,
     PPL,
     RESULTS_FILE,
     check_same_model,
     dense_record,
-    entropy_predictions,
-    fit_results,
-    predict,
+    model_fingerprint,
     results_dtype,
 )
-from analyses.layer_entropy import residual_samples
-from analyses.sweep import PREDATING, STREAM_SPECTRA, SweepSettings, model_fingerprint, probe_windows
+from analyses.sweep import PREDATING, STREAM_SPECTRA, SweepSettings, probe_windows
 from mechslice.errors import MechsliceError
 from mechslice.loading import LoadedModel
 from mechslice.slicing import sliced_width

@@ -7,7 +7,6 @@ always the first record: every law is a ratio against it.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -29,8 +28,17 @@ from analyses.entropy import (
     layer_entropy_summary,
     stream_spectra,
 )
-from analyses.laws import check_same_model, load_results, results_dtype
 from analyses.layer_entropy import check_estimators, check_gaussian_rows, residual_samples
+from analyses.results import (
+    PPL,
+    RESULTS_FILE,
+    check_same_model,
+    load_results,
+    model_fingerprint,
+    new_results,
+    results_dtype,
+    write_results,
+)
 from analyses.shift import ShiftAccumulator
 from mechslice import distributed
 from mechslice.atomic import atomic_write_json
@@ -45,7 +53,6 @@ from mechslice.perplexity import evaluate_perplexity, sdpa_attention
 from mechslice.precision import AUTO, DTYPES, dtype_name, resolve_dtype
 from mechslice.slicing import Slicer, slice_model, sliced_width
 
-RESULTS = "results.json"
 # What a results file that predates a setting was computed with, where that differs from today's default.
 PREDATING: dict[str, Any] = {
     "slice_head": True,
@@ -53,7 +60,6 @@ PREDATING: dict[str, Any] = {
     "entropy_stream": "raw",
     "include_knn": True,  # the kNN ratio entered the predictor before the flag existed
 }
-PPL = "ppl"
 # The dense record's key for each layer's covariance spectrum of the stream (`analyses.entropy.StreamSpectra`).
 STREAM_SPECTRA = "stream_spectra"
 
@@ -154,13 +160,6 @@ def check_settings(settings: SweepSettings) -> None:
 def probe_token_count(settings: SweepSettings) -> int:
     """Tokens entropy and output shift are measured on: whole probe windows within --probe-tokens."""
     return settings.probe_tokens // settings.probe_seqlen * settings.probe_seqlen
-
-
-def model_fingerprint(lm: LoadedModel) -> str:
-    """A short hash of the config and the embedding weights: a results file belongs to one model."""
-    digest = hashlib.sha256(lm.model.config.to_json_string(use_diff=False).encode())
-    digest.update(lm.adapter.embeddings(lm.model).weight[:256].detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -346,7 +345,7 @@ def run_sweep(
     done = {rec["sparsity"] for rec in results["records"]}
     todo = [s for s in _with_dense(settings.sparsities) if s not in done]
     if done:
-        log(f"resuming: {len(done)} sparsities already in {out_dir / RESULTS}, {len(todo)} to go")
+        log(f"resuming: {len(done)} sparsities already in {out_dir / RESULTS_FILE}, {len(todo)} to go")
     probe = _probe(dense, settings)
     slicer = None
     for s in tqdm(todo, desc="sweep", unit="sparsity", disable=not progress):
@@ -384,7 +383,7 @@ def run_sweep(
         seconds["total"] = time.perf_counter() - start
         results["records"].append({"sparsity": s, **record, **measured, "seconds": seconds})
         results["records"].sort(key=lambda r: r["sparsity"])
-        distributed.on_main(lambda: atomic_write_json(out_dir / RESULTS, results))
+        distributed.on_main(lambda: write_results(out_dir, results))
         log(_line(results["records"], s))
         del lm
     return results
@@ -407,14 +406,9 @@ def _with_dense(sparsities: tuple[float, ...]) -> list[float]:
 def _start(
     out_dir: Path, settings: SweepSettings, name: str, fingerprint: str, resume: bool
 ) -> dict[str, Any]:
-    path = out_dir / RESULTS
+    path = out_dir / RESULTS_FILE
     if not path.exists():
-        return {
-            "model": name,
-            "model_fingerprint": fingerprint,
-            "settings": settings.to_json(),
-            "records": [],
-        }
+        return new_results(name, fingerprint, settings.to_json())
     if not resume:
         raise MechsliceError(f"'{path}' exists; pass --resume to continue it or choose another --out")
     results = load_results(out_dir)

@@ -14,16 +14,15 @@ import pytest
 from analyses.chance import AT_CHANCE, at_chance_note
 from analyses.fits import fit_line, loo_errors
 from analyses.laws import (
-    PAPER_TABLE3,
-    check_same_model,
     entropy_predictions,
     fit_results,
     law_points,
-    load_results,
     ppl_from_entropy_ratio,
     predict,
     write_fits,
 )
+from analyses.paper import PAPER_TABLE3
+from analyses.results import check_same_model, load_results
 from mechslice.cli import main
 from mechslice.errors import MechsliceError
 

@@ -13,7 +13,8 @@ from lm_eval.api.instance import Instance
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from analyses.laws import fit_results
-from analyses.sweep import RESULTS, run_sweep
+from analyses.results import RESULTS_FILE as RESULTS
+from analyses.sweep import run_sweep
 from mechslice.adapters import adapter_for
 from mechslice.cli import main
 from mechslice.errors import MechsliceError

@@ -11,7 +11,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from analyses.predictors import dense_prediction
-from analyses.sweep import QUICK, RESULTS, SweepSettings, run_sweep, settings_from
+from analyses.results import RESULTS_FILE as RESULTS
+from analyses.sweep import QUICK, SweepSettings, run_sweep, settings_from
 from mechslice.cli import main
 from mechslice.corpora import load_corpus
 from mechslice.errors import MechsliceError

@@ -14,15 +14,9 @@ import argparse
 from dataclasses import asdict
 from typing import Any
 
-from analyses.laws import (
-    ACC_KEYS,
-    DENSE_NOTE,
-    PAPER_MODELS,
-    entropy_predictions,
-    fit_results,
-    load_results,
-    write_fits,
-)
+from analyses.laws import DENSE_NOTE, entropy_predictions, fit_results, write_fits
+from analyses.paper import PAPER_MODELS
+from analyses.results import ACC_KEYS, load_results
 from mechslice.checks import check_output_dir
 from mechslice.commands._common import add_json_arg, emit
 

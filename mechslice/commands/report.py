@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from analyses.laws import ACC_KEYS, load_results, results_dtype
+from analyses.results import ACC_KEYS, load_results, results_dtype
 from analyses.report import build_report
 from mechslice.commands._common import add_json_arg, emit
 

@@ -108,8 +108,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fit_and_report(out: Path) -> dict[str, Any]:
-    from analyses.laws import fit_results, load_results, write_fits
+    from analyses.laws import fit_results, write_fits
     from analyses.report import build_report
+    from analyses.results import load_results
 
     try:
         fits_json, fits_csv = write_fits(fit_results(load_results(out)), out)
