@@ -36,7 +36,6 @@ from analyses.entropy import BIASED_IN_D, RatioSignal, ratio_signal
 from analyses.fits import LineFit, fit_line
 from analyses.paper import LAWS, PAPER_DATASETS, PAPER_MODELS, PAPER_TABLE3, PaperFit
 from analyses.results import (
-    ACC_KEYS,
     DENSE_TOLERANCE,
     PPL,
     STDERR_KEYS,

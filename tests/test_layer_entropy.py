@@ -9,8 +9,9 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from analyses.entropy import RANK, gaussian_entropy
-from analyses.figures import eigenvalue_spectra, entropy_curves, stage_norms
 from analyses.layer_entropy import entropy_sweep, residual_samples
+from analyses.report.entropy_page import eigenvalue_spectra, entropy_curves
+from analyses.report.layers import stage_norms
 from hooks.flow import trace
 from mechslice.adapters import adapter_for
 from mechslice.errors import MechsliceError

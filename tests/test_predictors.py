@@ -19,7 +19,6 @@ from analyses.entropy import (
     layer_entropy_summary,
     stream_spectra,
 )
-from analyses.laws import load_results
 from analyses.predictors import (
     compare_predictors,
     dense_prediction,
@@ -27,6 +26,7 @@ from analyses.predictors import (
     law_prediction,
 )
 from analyses.report import build_report
+from analyses.results import load_results
 from analyses.sweep import STREAM_SPECTRA, entropy_record
 from mechslice.cli import main
 from mechslice.slicing import sliced_width

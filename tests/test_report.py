@@ -14,19 +14,15 @@ import numpy as np
 import plotly.offline
 import pytest
 
-from analyses.laws import PAPER_TABLE3, fit_results
-from analyses.layer_plots import HEATMAP_COLUMNS, binned_log_shares, index_bins
+from analyses.laws import fit_results
+from analyses.paper import PAPER_TABLE3
 from analyses.report import REPORT_FILE, build_report
-from analyses.report_figures import (
-    AT_CHANCE_COLOR,
-    TASK_COLORS,
-    entropy_figures,
-    entropy_ratio_figure,
-    figure_3b,
-    kept_fraction,
-    sorted_records,
-)
-from analyses.report_text import quick_note, summary
+from analyses.report.entropy import entropy_figures, entropy_ratio_figure
+from analyses.report.laws import AT_CHANCE_COLOR, TASK_COLORS, figure_3b
+from analyses.report.layers import HEATMAP_COLUMNS, binned_log_shares, index_bins
+from analyses.report.spectra import kept_fraction
+from analyses.report.style import sorted_records
+from analyses.report.summary import quick_note, summary
 from mechslice.cli import main
 from mechslice.errors import MechsliceError
 

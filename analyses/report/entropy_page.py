@@ -1,10 +1,10 @@
-"""Plotly figures: per-layer entropy ratios for several sparsities, eigenvalue spectra, per-layer stage norms."""
+"""The `entropy` command's page: per-layer entropy ratios for several sparsities and the eigenvalue spectra of the
+residual stream, one self-contained HTML file."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -12,7 +12,7 @@ from jaxtyping import Float
 
 from analyses.entropy import RANK, LayerEntropy
 from analyses.layer_entropy import EntropySweep
-from analyses.layer_plots import layer_curves, spectrum_lines
+from analyses.report.layers import layer_curves, spectrum_lines
 from mechslice.atomic import atomic_write_text
 
 
@@ -51,26 +51,6 @@ def eigenvalue_spectra(spectra: Mapping[int, Float[np.ndarray, " d"]], every: in
         title="Eigenvalue spectrum of the residual stream E_out per layer",
         xaxis_title="index (descending)",
         yaxis_title="eigenvalue",
-        yaxis_type="log",
-    )
-    return fig
-
-
-def stage_norms(table: Iterable[Mapping[str, Any]], stages: Iterable[str] | None = None) -> go.Figure:
-    """Mean L2 norm of each traced stage against the layer (rows of `FlowTrace.table()`), log scale."""
-    by_stage: dict[str, list[tuple[int, float]]] = {}
-    keep = None if stages is None else set(stages)
-    for row in table:
-        if keep is None or row["stage"] in keep:
-            by_stage.setdefault(row["stage"], []).append((row["layer"], row["mean_norm"]))
-    fig = go.Figure()
-    for stage, points in by_stage.items():
-        layers, norms = zip(*sorted(points), strict=True)
-        fig.add_trace(go.Scatter(x=layers, y=norms, mode="lines+markers", name=stage))
-    fig.update_layout(
-        title="Mean L2 norm per stage and layer",
-        xaxis_title="layer",
-        yaxis_title="mean |x|",
         yaxis_type="log",
     )
     return fig

@@ -1,10 +1,12 @@
-"""The per-layer figures drawn in two places (the `entropy` command's page and the sweep report), from plain
-data: one line per label over the layers, one eigenvalue spectrum per label, or spectra as a heat map."""
+"""The per-layer figures drawn in several places (the `entropy` command's page, the sweep report, the notebooks),
+from plain data: one line per label over the layers, one eigenvalue spectrum per label, spectra as a heat map, or
+the norm of each traced stage."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -113,3 +115,23 @@ def spectra_heatmap(
         colorbar=dict(title="log10 λ_i / Σλ"),
         hovertemplate="%{y}<br>index %{x}<br>log10 λ_i/Σλ = %{z:.2f}<extra></extra>",
     )
+
+
+def stage_norms(table: Iterable[Mapping[str, Any]], stages: Iterable[str] | None = None) -> go.Figure:
+    """Mean L2 norm of each traced stage against the layer (rows of `FlowTrace.table()`), log scale."""
+    by_stage: dict[str, list[tuple[int, float]]] = {}
+    keep = None if stages is None else set(stages)
+    for row in table:
+        if keep is None or row["stage"] in keep:
+            by_stage.setdefault(row["stage"], []).append((row["layer"], row["mean_norm"]))
+    fig = go.Figure()
+    for stage, points in by_stage.items():
+        layers, norms = zip(*sorted(points), strict=True)
+        fig.add_trace(go.Scatter(x=layers, y=norms, mode="lines+markers", name=stage))
+    fig.update_layout(
+        title="Mean L2 norm per stage and layer",
+        xaxis_title="layer",
+        yaxis_title="mean |x|",
+        yaxis_type="log",
+    )
+    return fig

@@ -1,74 +1,29 @@
 """The report's plain-language findings, generated from the fitted numbers: Prop. 2, Prop. 3 per task, the
-entropy prediction, and the quick-profile warning; with the number formats the report's tables share."""
+entropy prediction, and the quick-profile warning.
+"""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from analyses.chance import CORRECTED_FORM, PAPER_FORM, TIE, ChanceLaw
 from analyses.entropy import RANK
-from analyses.laws import (
-    PAPER_DATASETS,
-    PAPER_TABLE3,
-    PPL,
-    STDERR_KEYS,
-    FitRow,
-    FitTable,
-    dense_record,
-    entropy_predictions,
-)
+from analyses.laws import FitRow, FitTable, entropy_predictions
+from analyses.paper import PAPER_SHORT, PAPER_TABLE3
+from analyses.report.markup import ci_text, corpus_label, fmt, sparsity_count, task_label
+from analyses.results import PPL, STDERR_KEYS, dense_record
 
-PAPER_SHORT = {"Llama-3-8B-Instruct": "Llama-3", "Phi-3-mini-4k-Instruct": "Phi-3"}
 # acc0 closer than this to chance (yet clear of the at-chance rule's 3 standard errors) leaves ln(acc/acc0) little
 # room to fall (at most ln(chance/acc0)).
 NEAR_CHANCE = 0.05
+
+
 # A slope interval wider than +-0.25 cannot tell the paper's two models apart (a = -1.08 and -0.90) nor either
 # from -1 by more than its own width, so the summary calls it inconclusive instead of "holds".
 DECISIVE_HALF_WIDTH = 0.25
-
-
-def fmt(x: float | None, spec: str = ".3f") -> str:
-    """`x` in format `spec`, or a dash when it was not measured."""
-    return "–" if x is None else format(x, spec)
-
-
-def ci_text(ci: tuple[float, float] | None) -> str:
-    """A 95% interval as [lo, hi] with signs, or a dash when there is none."""
-    return "–" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
-
-
-def sparsity_count(n: int) -> str:
-    """ "1 sparsity" or "n sparsities"."""
-    return f"{n} sparsity" if n == 1 else f"{n} sparsities"
-
-
-def task_label(task: str) -> str:
-    """The paper's name for a task where it has one, else the task key."""
-    return PAPER_DATASETS.get(task, task)
-
-
-def corpus_label(settings: dict[str, Any]) -> str:
-    """The corpus the sweep measured perplexity on, from its `ppl_corpus` setting (not the paper's WikiText2)."""
-    spec = settings.get("ppl_corpus")
-    if not isinstance(spec, str):
-        return "corpus not recorded"
-    kind, _, arg = spec.partition(":")
-    if kind == "wiki" and not arg:
-        return "wiki (Wikipedia lead sections, not WikiText2)"
-    if kind == "wikitext2" and arg:
-        return f"WikiText2 ({Path(arg).name or arg})"
-    if kind == "text" and arg:
-        return f"text file {Path(arg).name}"
-    return spec
-
-
-def dataset_label(dataset: str, settings: dict[str, Any]) -> str:
-    """A fitted dataset's name in the report: the perplexity corpus actually used, or the task's name."""
-    return corpus_label(settings) if dataset == PPL else task_label(dataset)
 
 
 def _prop2_summary(table: FitTable) -> str:

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     )
     payload = {**model_fields(lm), **sweep.to_dict()}
     if args.html is not None:
-        from analyses.figures import entropy_report_html
+        from analyses.report import entropy_report_html
 
         entropy_report_html(sweep, args.html)
         payload["html"] = str(args.html)

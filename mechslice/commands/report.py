@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from analyses.results import ACC_KEYS, load_results, results_dtype
 from analyses.report import build_report
+from analyses.results import ACC_KEYS, load_results, results_dtype
 from mechslice.commands._common import add_json_arg, emit
 
 
