@@ -58,7 +58,7 @@ from analyses.laws import (
 from analyses.layer_entropy import residual_samples
 from analyses.sweep import PREDATING, STREAM_SPECTRA, SweepSettings, model_fingerprint, probe_windows
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel
+from mechslice.loaded import LoadedModel
 from mechslice.slicing import sliced_width
 from mechslice.slicing.slicer import head_width
 

@@ -34,14 +34,16 @@ from analyses.layer_entropy import check_estimators, check_gaussian_rows, residu
 from analyses.shift import ShiftAccumulator
 from mechslice import distributed
 from mechslice.atomic import atomic_write_json
+from mechslice.attention import sdpa_attention
 from mechslice.checks import check_output_dir, check_seqlen
 from mechslice.corpora import CALIBRATION_SEED, calibration_windows, corpus_tokens, eval_windows
 from mechslice.errors import MechsliceError
 from mechslice.lmeval import MC_BACKENDS, harness_mc, require_lm_eval
-from mechslice.loading import LoadedModel, default_device, load_model
+from mechslice.loaded import LoadedModel
+from mechslice.loading import default_device, load_model
 from mechslice.mc import TASKS, MCResult, evaluate_mc
 from mechslice.mc.tasks import check_limit
-from mechslice.perplexity import evaluate_perplexity, sdpa_attention
+from mechslice.perplexity import evaluate_perplexity
 from mechslice.precision import AUTO, DTYPES, dtype_name, resolve_dtype
 from mechslice.slicing import Slicer, slice_model, sliced_width
 

@@ -5,6 +5,7 @@ shift, evaluate perplexity and multiple-choice accuracy, and fit the paper's law
 """
 
 from mechslice.errors import MechsliceError
-from mechslice.loading import DEFAULT_MODEL, LoadedModel, load_model
+from mechslice.loaded import LoadedModel
+from mechslice.loading import DEFAULT_MODEL, load_model
 
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "MechsliceError", "load_model"]

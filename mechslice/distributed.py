@@ -15,16 +15,14 @@ import os
 import resource
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from hooks.stats import SecondMoment
 from mechslice.errors import MechsliceError
-
-if TYPE_CHECKING:  # imported for the annotation only: the slicing package imports this module
-    from mechslice.slicing.calibration import SecondMoment
 
 T = TypeVar("T")
 S = TypeVar("S", bound=Sequence)

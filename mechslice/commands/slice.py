@@ -21,7 +21,8 @@ from mechslice.commands._common import (
     show_progress,
 )
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel, load_model
+from mechslice.loaded import LoadedModel
+from mechslice.loading import load_model
 from mechslice.slicing import save_sliced, slice_model, sliced_width
 from mechslice.slicing.slicer import ROTATIONS
 

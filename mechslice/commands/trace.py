@@ -17,7 +17,8 @@ from mechslice.checks import available_memory, check_at_least, check_seqlen
 from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args
 from mechslice.corpora import corpus_tokens, eval_windows
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel, default_device, load_model
+from mechslice.loaded import LoadedModel
+from mechslice.loading import default_device, load_model
 
 CONFORMANCE_TOKENS = 128  # conformance recomputes every stage in float64: run it on one short window
 # Peak memory of a trace beyond the model, per element of the attention scores (batch x heads x n x n): the
