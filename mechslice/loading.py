@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -22,6 +17,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from mechslice.adapters import adapter_for, adapter_for_type
+from mechslice.atomic import atomic_write_folder
 from mechslice.checks import check_device
 from mechslice.errors import MechsliceError
 from mechslice.loaded import LoadedModel
@@ -210,19 +206,16 @@ def _refuse_partial_load(path: Path, info: dict[str, Any]) -> None:
 def _cached_embedded(name: str) -> Path:
     """Float32 safetensors copy of an embedded GGUF model, written once (atomically) into the cache.
 
-    Always float32, whatever dtype the caller loads in: the load casts, so one cache serves every dtype.
+    Always float32, whatever dtype the caller loads in: the load casts, so one cache serves every dtype. A folder
+    without config.json is no cache (an older interrupted copy): it is replaced.
     """
     folder = cache_dir() / "models" / name
     if (folder / "config.json").exists():
         return folder
     model, tokenizer = _load_gguf(embedded_gguf(name), torch.float32)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+
+    return atomic_write_folder(folder, write, overwrite=True)
