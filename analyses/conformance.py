@@ -35,7 +35,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from hooks.flow import STAGE_BY_KEY, TraceError, resolve_layers
 from mechslice.architecture import weight_table
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel
+from mechslice.loaded import LoadedModel
 
 # Relative tolerance: deviation / max|reference| of the stage. The model computes in fp32 (unit round-off
 # u = 2^-24 = 6e-8); a dot product of length K accumulated in any order is within K*u of the exact sum relative

@@ -24,7 +24,7 @@ from analyses.entropy import (
 )
 from hooks.flow import TraceError, trace
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel
+from mechslice.loaded import LoadedModel
 from mechslice.slicing import Slicer
 
 

@@ -57,7 +57,7 @@ from analyses.results import (
 )
 from analyses.sweep import PREDATING, STREAM_SPECTRA, SweepSettings, probe_windows
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel
+from mechslice.loaded import LoadedModel
 from mechslice.slicing import sliced_width
 from mechslice.slicing.slicer import head_width
 

@@ -42,14 +42,16 @@ from analyses.results import (
 from analyses.shift import ShiftAccumulator
 from mechslice import distributed
 from mechslice.atomic import atomic_write_json
-from mechslice.checks import check_output_dir, check_seqlen
+from mechslice.attention import sdpa_attention
+from mechslice.checks import check_output_dir, check_seqlen, check_sparsity
 from mechslice.corpora import CALIBRATION_SEED, calibration_windows, corpus_tokens, eval_windows
 from mechslice.errors import MechsliceError
 from mechslice.lmeval import MC_BACKENDS, harness_mc, require_lm_eval
-from mechslice.loading import LoadedModel, default_device, load_model
+from mechslice.loaded import LoadedModel
+from mechslice.loading import DEFAULT_MODEL, default_device, load_model
 from mechslice.mc import TASKS, MCResult, evaluate_mc
 from mechslice.mc.tasks import check_limit
-from mechslice.perplexity import evaluate_perplexity, sdpa_attention
+from mechslice.perplexity import evaluate_perplexity
 from mechslice.precision import AUTO, DTYPES, dtype_name, resolve_dtype
 from mechslice.slicing import Slicer, slice_model, sliced_width
 
@@ -128,8 +130,8 @@ def check_settings(settings: SweepSettings) -> None:
     s = settings.sparsities
     if not s:
         raise MechsliceError("the sparsity list is empty; give e.g. --sparsities 0,0.1,0.2")
-    if any(not 0.0 <= x < 1.0 for x in s):
-        raise MechsliceError(f"sparsities must lie in [0, 1), got {list(s)}")
+    for x in s:
+        check_sparsity(x, "sparsities", "--sparsities 0,0.1,0.2")
     if list(s) != sorted(set(s)):
         raise MechsliceError(f"sparsities must be strictly increasing without repeats, got {list(s)}")
     unknown = [t for t in settings.tasks if t != PPL and t not in TASKS]
@@ -310,7 +312,7 @@ def output_shift(dense: LoadedModel, sliced: LoadedModel, windows: Int[Tensor, "
 def run_sweep(
     settings: SweepSettings,
     out_dir: Path,
-    model: str = "smollm2-135m",
+    model: str = DEFAULT_MODEL,
     device: str | None = None,
     resume: bool = False,
     progress: bool = True,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -19,16 +18,14 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
-
-
 def _child(name: str, kwargs: dict[str, Any], queue: mp.Queue) -> None:
     import torch
 
+    from mechslice.memory import peak_memory_gb
+
     torch.manual_seed(0)
     result = CASES[name](**kwargs)
-    result["peak_rss_gb"] = _peak_rss_gb()
+    result["peak_rss_gb"] = peak_memory_gb()["cpu"]
     queue.put(result)
 
 
@@ -158,6 +155,7 @@ def _calibration_rank(rank: int, world: int, port: int, samples: int, seqlen: in
     import torch
 
     from mechslice import distributed
+    from mechslice.memory import peak_memory_gb
     from mechslice.slicing import Slicer
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -169,7 +167,7 @@ def _calibration_rank(rank: int, world: int, port: int, samples: int, seqlen: in
     start = time.perf_counter()
     Slicer(lm, calib, progress=False)
     seconds = time.perf_counter() - start
-    queue.put({"rank": rank, "seconds": seconds, "peak_rss_gb": _peak_rss_gb()})
+    queue.put({"rank": rank, "seconds": seconds, "peak_rss_gb": peak_memory_gb()["cpu"]})
     distributed.shutdown()
 
 

@@ -1,6 +1,7 @@
 """Streaming moments of an activation: running sums in float64, additive, so memory never grows with tokens.
 
-A `RunningMoments` holds n, sum x, sum x*x, sum ||x|| and (when asked) sum x x^T over the rows it has seen.
+A `RunningMoments` holds n, sum x, sum x*x, sum ||x|| and (when asked) a `SecondMoment`, sum x x^T, over the rows
+it has seen; the `SecondMoment` alone is what SliceGPT's PCA diagonalizes (mechslice.slicing).
 Two accumulators over disjoint token sets merge by adding their sums (`a + b`), which is how batches, windows
 and workers combine; every statistic (mean, variance, mean L2 norm, second moment, covariance) is read off the
 sums at the end.
@@ -50,6 +51,34 @@ def gram(flat: Float[Tensor, "tokens d"]) -> Float[Tensor, "d d"]:
 
 
 @dataclass
+class SecondMoment:
+    """H = sum over tokens of x x^T (float64, on `device`), with the number of tokens it sums.
+
+    A plain sum, so shards computed on different processes merge exactly (add the sums, add the counts): an
+    all-reduce of `sum` and `count` is the whole merge.
+    """
+
+    d: int
+    device: torch.device | str = "cpu"
+    sum: Float[Tensor, "d d"] = field(init=False)
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.sum = torch.zeros(self.d, self.d, dtype=torch.float64, device=self.device)
+
+    def add(self, x: Float[Tensor, "... d"]) -> None:
+        """Accumulate the tokens of `x` (any leading shape): one `gram`, added where the sum lives."""
+        flat = x.reshape(-1, self.d)
+        self.sum += gram(flat).to(self.sum.device)
+        self.count += flat.shape[0]
+
+    def merge(self, other: SecondMoment) -> None:
+        """Add another shard's sums (exact: the statistic is a plain sum)."""
+        self.sum += other.sum.to(self.sum.device)
+        self.count += other.count
+
+
+@dataclass
 class RunningMoments:
     """Running float64 sums over rows of width `f`; `with_second_moment` adds the f x f matrix sum x x^T."""
 
@@ -59,12 +88,12 @@ class RunningMoments:
     sum_x: Float[Tensor, " f"] = field(init=False)
     sum_x2: Float[Tensor, " f"] = field(init=False)
     sum_norm: float = 0.0
-    sum_xxT: Float[Tensor, "f f"] | None = field(init=False)
+    xxT: SecondMoment | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.sum_x = torch.zeros(self.f, dtype=torch.float64)
         self.sum_x2 = torch.zeros(self.f, dtype=torch.float64)
-        self.sum_xxT = torch.zeros(self.f, self.f, dtype=torch.float64) if self.with_second_moment else None
+        self.xxT = SecondMoment(self.f) if self.with_second_moment else None
 
     def update(self, X: Float[Tensor, "n f"]) -> None:
         """Add the rows of X (any device or float dtype) to the float64 sums, a bounded block of rows at a time.
@@ -82,8 +111,8 @@ class RunningMoments:
             self.sum_x += sum_x.cpu()
             self.sum_x2 += sum_x2.cpu()
             self.sum_norm += sum_norm
-            if self.sum_xxT is not None:
-                self.sum_xxT += gram(block).cpu()
+            if self.xxT is not None:
+                self.xxT.add(block)
 
     def __add__(self, other: RunningMoments) -> RunningMoments:
         """The accumulator over both token sets (sums add; the second moment only when both carry it)."""
@@ -94,9 +123,15 @@ class RunningMoments:
         merged.sum_x = self.sum_x + other.sum_x
         merged.sum_x2 = self.sum_x2 + other.sum_x2
         merged.sum_norm = self.sum_norm + other.sum_norm
-        if merged.with_second_moment:
-            merged.sum_xxT = self.sum_xxT + other.sum_xxT
+        if merged.xxT is not None:
+            merged.xxT.merge(self.xxT)
+            merged.xxT.merge(other.xxT)
         return merged
+
+    @property
+    def sum_xxT(self) -> Float[Tensor, "f f"] | None:
+        """sum x x^T over the rows (float64, on the CPU), or None when the second moment was not requested."""
+        return None if self.xxT is None else self.xxT.sum
 
     def _require_rows(self) -> None:
         if self.n == 0:

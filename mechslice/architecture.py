@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from mechslice.adapters import ArchAdapter, Dims
-from mechslice.loading import LoadedModel
+from mechslice.loaded import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ it loads a model or calibrates and a user never waits a minute for a refusal.
 from __future__ import annotations
 
 import os
+from numbers import Real
 from pathlib import Path
 
 import torch
@@ -14,6 +15,16 @@ import torch
 from mechslice.errors import MechsliceError
 
 DEVICE_KINDS = ("cpu", "cuda", "mps")
+
+
+def check_sparsity(value: object, what: str = "sparsity", example: str = "--sparsity 0.25") -> float:
+    """A sparsity s as a float, refused outside [0, 1): at s = 1 nothing is left (NaN and non-numbers too).
+
+    The one place the range is written; `what` names the quantity in the message, `example` shows a good value.
+    """
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value < 1.0:
+        raise MechsliceError(f"{what} must lie in [0, 1), got {value}; e.g. {example}")
+    return float(value)
 
 
 def check_device(device: str | torch.device) -> torch.device:

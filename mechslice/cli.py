@@ -16,9 +16,6 @@ import warnings
 from collections.abc import Iterator
 from typing import NoReturn
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 from mechslice import commands, distributed
 from mechslice.errors import MechsliceError
 

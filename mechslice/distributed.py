@@ -12,19 +12,16 @@ group (the ordinary single-process case) every function here is a no-op or retur
 from __future__ import annotations
 
 import os
-import resource
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from hooks.stats import SecondMoment
 from mechslice.errors import MechsliceError
-
-if TYPE_CHECKING:  # imported for the annotation only: the slicing package imports this module
-    from mechslice.slicing.calibration import SecondMoment
 
 T = TypeVar("T")
 S = TypeVar("S", bound=Sequence)
@@ -169,12 +166,3 @@ def on_main(write: Callable[[], T]) -> T | None:
         return write() if is_main() else None
     finally:
         barrier()
-
-
-def peak_memory_gb(devices: Sequence[torch.device | str] = ()) -> dict[str, float]:
-    """Peak memory of this process in GB: host RSS under "cpu", and the allocator peak of each CUDA device."""
-    peaks = {"cpu": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}  # ru_maxrss: KiB on Linux
-    for device in {torch.device(d) for d in devices}:
-        if device.type == "cuda":
-            peaks[str(device)] = torch.cuda.max_memory_allocated(device) / 1024**3
-    return peaks

@@ -8,27 +8,20 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from mechslice.adapters import ArchAdapter, Dims, adapter_for, adapter_for_type
+from mechslice.adapters import adapter_for, adapter_for_type
+from mechslice.atomic import atomic_write_folder
 from mechslice.checks import check_device
 from mechslice.errors import MechsliceError
+from mechslice.loaded import LoadedModel
 from mechslice.precision import AUTO, resolve_dtype
-
-if TYPE_CHECKING:
-    from transformer_lens.model_bridge import TransformerBridge
 
 # The toolkit draws its own progress bars; transformers' per-load weight bars are noise on every CLI call.
 hf_logging.disable_progress_bar()
@@ -42,71 +35,6 @@ EMBEDDED_DESCRIPTIONS = {DEFAULT_MODEL: "SmolLM2-135M-Instruct, Q4_1 GGUF dequan
 def describe_model(name: str) -> str:
     """A readable description of a model name: the embedded model's full identity, else the name itself."""
     return EMBEDDED_DESCRIPTIONS.get(name, name)
-
-
-@dataclass
-class LoadedModel:
-    """A loaded causal LM: HF modules for evaluation, a bridge over the same modules for hooks."""
-
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    adapter: ArchAdapter
-    name: str
-    source: str
-    _bridge: TransformerBridge | None = field(default=None, repr=False)
-
-    @property
-    def device(self) -> torch.device:
-        """Where the weights live."""
-        return next(self.model.parameters()).device
-
-    @property
-    def dims(self) -> Dims:
-        """d, m, h_attn, v, h_dim, vocab and layer count of the live model."""
-        return self.adapter.dims(self.model.config)
-
-    @property
-    def bridge(self) -> TransformerBridge:
-        """TransformerLens bridge wrapping these very modules (built once; weights are shared, not copied)."""
-        if self._bridge is None:
-            from transformer_lens.model_bridge import TransformerBridge
-
-            self._bridge = TransformerBridge.boot_transformers(
-                self.name, hf_model=self.model, tokenizer=self.tokenizer, device=str(self.device)
-            )
-        return self._bridge
-
-    def reset_bridge(self) -> None:
-        """Drop the bridge and put the plain HF modules back where it installed its wrappers.
-
-        Building a bridge replaces modules inside the HF model (their state-dict keys gain
-        `_original_component`); slicing, saving and a rebuilt bridge must see the originals.
-        """
-        _unwrap_children(self.model)
-        _drop_bridge_biases(self.model)
-        self._bridge = None
-
-
-def _unwrap_children(module: torch.nn.Module) -> None:
-    """Replace every bridge wrapper below `module` by the HF module it wraps, recursively."""
-    for name, child in list(module._modules.items()):
-        if child is None:
-            continue
-        plain = child
-        while "_original_component" in plain._modules:
-            plain = plain._modules["_original_component"]
-        if plain is not child:
-            module._modules[name] = plain
-        _unwrap_children(plain)
-
-
-def _drop_bridge_biases(model: torch.nn.Module) -> None:
-    """Remove the zero `bias` buffer the bridge's unembedding registers on a bias-free linear (it would
-    otherwise be saved as a weight the model's config does not have)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and "bias" in module._buffers:
-            del module._buffers["bias"]
-            module.register_parameter("bias", None)
 
 
 def default_device() -> str:
@@ -278,19 +206,16 @@ def _refuse_partial_load(path: Path, info: dict[str, Any]) -> None:
 def _cached_embedded(name: str) -> Path:
     """Float32 safetensors copy of an embedded GGUF model, written once (atomically) into the cache.
 
-    Always float32, whatever dtype the caller loads in: the load casts, so one cache serves every dtype.
+    Always float32, whatever dtype the caller loads in: the load casts, so one cache serves every dtype. A folder
+    without config.json is no cache (an older interrupted copy): it is replaced.
     """
     folder = cache_dir() / "models" / name
     if (folder / "config.json").exists():
         return folder
     model, tokenizer = _load_gguf(embedded_gguf(name), torch.float32)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+
+    return atomic_write_folder(folder, write, overwrite=True)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from mechslice import distributed
+from mechslice.attention import sdpa_attention
 
 _LOGIT_CHUNK = 512  # positions per unembedding chunk: 512 x 49152 fp32 logits is ~100 MB
 
@@ -42,20 +41,6 @@ class PerplexityResult:
     def to_json(self) -> dict[str, float]:
         """Plain dict for JSON output."""
         return {**asdict(self), "tokens_per_s": self.tokens_per_s}
-
-
-@contextmanager
-def sdpa_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Run with SDPA attention; building a TransformerBridge switches the modules to eager, which is slower."""
-    previous = model.config._attn_implementation
-    if previous == "sdpa":
-        yield
-        return
-    model.set_attn_implementation("sdpa")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
 
 
 def _lm_head(model: PreTrainedModel) -> torch.nn.Module:

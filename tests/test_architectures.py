@@ -37,7 +37,8 @@ from hooks.flow import trace
 from mechslice.adapters import adapter_for
 from mechslice.cli import main
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel, load_model
+from mechslice.loaded import LoadedModel
+from mechslice.loading import load_model
 from mechslice.slicing import fuse_norms, save_sliced, slice_model
 from mechslice.slicing.layers import ShortcutBlock
 from tests.conftest import randomize_norms

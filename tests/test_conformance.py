@@ -10,7 +10,8 @@ from analyses.conformance import EQUATIONS, REL_TOL, check_conformance
 from mechslice.adapters import adapter_for
 from mechslice.corpora import calibration_windows
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel, _cached_embedded
+from mechslice.loaded import LoadedModel
+from mechslice.loading import _cached_embedded
 from mechslice.slicing import slice_model
 from tests.conftest import tiny_llama_config
 

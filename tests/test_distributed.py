@@ -21,7 +21,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mechslice import distributed
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel, load_model
+from mechslice.loaded import LoadedModel
+from mechslice.loading import load_model
 from tests.conftest import randomize_norms
 
 VOCAB = 49152  # the embedded tokenizer's, so real text (the MC items, the calibration corpus) fits the model

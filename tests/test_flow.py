@@ -10,7 +10,8 @@ from hooks.flow import STAGES, FlowTracer, TraceError, trace, trace_tokens
 from hooks.interventions import projection_hook, projection_hooks
 from hooks.stats import RunningMoments
 from mechslice.adapters import adapter_for
-from mechslice.loading import LoadedModel, _cached_embedded
+from mechslice.loaded import LoadedModel
+from mechslice.loading import _cached_embedded
 from tests.conftest import tiny_llama_config
 
 

@@ -15,7 +15,8 @@ from analyses.report.layers import stage_norms
 from hooks.flow import trace
 from mechslice.adapters import adapter_for
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel, _cached_embedded
+from mechslice.loaded import LoadedModel
+from mechslice.loading import _cached_embedded
 from tests.conftest import tiny_llama_config
 
 

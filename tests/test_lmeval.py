@@ -20,7 +20,8 @@ from mechslice.cli import main
 from mechslice.errors import MechsliceError
 from mechslice.lmeval import task_manager
 from mechslice.lmeval.model import MechsliceLM
-from mechslice.loading import LoadedModel, load_model
+from mechslice.loaded import LoadedModel
+from mechslice.loading import load_model
 from mechslice.mc import evaluate_mc, load_task
 from mechslice.mc.tasks import task_chance
 from tests.test_laws import make_results

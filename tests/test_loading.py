@@ -11,7 +11,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel, cache_dir, embedded_gguf, load_model
+from mechslice.loaded import LoadedModel
+from mechslice.loading import cache_dir, embedded_gguf, load_model
 
 
 @pytest.mark.slow

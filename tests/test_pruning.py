@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 from mechslice.adapters import adapter_for
 from mechslice.cli import main
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel, load_model
+from mechslice.loaded import LoadedModel
+from mechslice.loading import load_model
 from mechslice.pruning import (
     PruneOptions,
     count_parameters,

@@ -15,7 +15,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechslice.loading import LoadedModel, load_model
+from mechslice.loaded import LoadedModel
+from mechslice.loading import load_model
 from mechslice.slicing import slice_model
 from tests.test_slicing import CALIB, IDS, D, random_lm
 

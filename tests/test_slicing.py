@@ -16,11 +16,13 @@ from transformers import (
 )
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from hooks.stats import SecondMoment, gram
 from mechslice.adapters import adapter_for
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel, load_model
+from mechslice.loaded import LoadedModel
+from mechslice.loading import load_model
 from mechslice.slicing import Slicer, fuse_norms, slice_model, sliced_width
-from mechslice.slicing.calibration import SecondMoment, gram, pca, principal_angles
+from mechslice.slicing.calibration import pca, principal_angles
 from mechslice.slicing.layers import ShortcutBlock
 from tests.conftest import randomize_norms
 

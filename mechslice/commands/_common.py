@@ -14,7 +14,8 @@ from mechslice import distributed
 from mechslice.checks import check_device, check_seqlen
 from mechslice.corpora import CALIBRATION_SEED, SAMPLERS, calibration_windows
 from mechslice.errors import MechsliceError
-from mechslice.loading import DEFAULT_MODEL, LoadedModel, default_device, describe_model, load_model
+from mechslice.loaded import LoadedModel
+from mechslice.loading import DEFAULT_MODEL, default_device, describe_model, load_model
 from mechslice.precision import AUTO, DTYPES, dtype_name, resolve_dtype
 
 

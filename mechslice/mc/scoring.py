@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from mechslice import distributed
+from mechslice.attention import sdpa_attention
 from mechslice.errors import MechsliceError
 from mechslice.mc.tasks import (
     GREEDY,
@@ -35,7 +36,6 @@ from mechslice.mc.tasks import (
     task_chance,
     task_spec,
 )
-from mechslice.perplexity import sdpa_attention
 
 # A request as token ids: (context, continuation).
 Encoded = tuple[list[int], list[int]]

@@ -22,7 +22,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel
+from mechslice.loaded import LoadedModel
 from mechslice.precision import dtype_name
 from mechslice.pruning import heads, layers, mlp
 from mechslice.pruning.accounting import (
@@ -36,7 +36,7 @@ from mechslice.pruning.accounting import (
 from mechslice.pruning.calibrate import check_calibration
 from mechslice.pruning.io import save_pruned
 from mechslice.pruning.record import PruningRecord
-from mechslice.slicing.slicer import ROTATIONS, _versions, kept_size, slice_model
+from mechslice.slicing.slicer import ROTATIONS, kept_size, slice_model, software_versions
 
 METHODS = ("slice", "mlp", "heads", "layers")
 _UNIT_METHODS: dict[str, ModuleType] = {"mlp": mlp, "heads": heads, "layers": layers}
@@ -251,6 +251,6 @@ def prune(
         options=asdict(options),
         target=None if target is None else asdict(target),
         dtype=dtype_name(lm.model.dtype),
-        versions=_versions(),
+        versions=software_versions(),
         **fields,
     )

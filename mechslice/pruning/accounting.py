@@ -8,14 +8,14 @@ is non-embedding. Counts read the live tensors; predictions use the same shapes 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from mechslice.checks import check_sparsity
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel
+from mechslice.loaded import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,7 @@ def nearest(
     predicted: Callable[[int], ParamCount],
 ) -> Match:
     """Among kept counts `candidates` (of `n` units), the one whose predicted parameter sparsity is nearest."""
-    if math.isnan(target) or not 0.0 <= target < 1.0:
-        raise MechsliceError(f"parameter sparsity must lie in [0, 1), got {target}; e.g. 0.2")
+    check_sparsity(target, "parameter sparsity", "0.2")
     if of not in ("non_embedding", "total"):
         raise MechsliceError(f"parameter sparsity counts 'non_embedding' or 'total' parameters, not '{of}'")
     if not candidates:

@@ -10,9 +10,9 @@ from jaxtyping import Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mechslice.attention import sdpa_attention
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel
-from mechslice.perplexity import sdpa_attention
+from mechslice.loaded import LoadedModel
 from mechslice.slicing.calibration import warn_if_few_tokens
 from mechslice.slicing.layers import ShortcutBlock
 from mechslice.slicing.signals import batches

@@ -17,7 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel
+from mechslice.loaded import LoadedModel
 from mechslice.pruning.accounting import linear_numel
 from mechslice.pruning.calibrate import calibrate
 from mechslice.pruning.surgery import keep_columns, keep_rows

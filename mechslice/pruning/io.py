@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mechslice import distributed
 from mechslice.atomic import atomic_write_folder
-from mechslice.loading import LoadedModel
+from mechslice.loaded import LoadedModel
 from mechslice.pruning.record import RECORD, PruningRecord
 from mechslice.slicing.io import save_sliced
 

@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from mechslice.loading import LoadedModel
+from mechslice.loaded import LoadedModel
 from mechslice.pruning.calibrate import calibrate
 
 AXIS, UNIT = "L", "decoder blocks"

@@ -1,47 +1,22 @@
-"""Calibration statistics for PCA: additive second moments (float64 sums) and their damped eigenbasis.
+"""Calibration statistics for PCA: the damped eigenbasis of a second moment (`hooks.stats.SecondMoment`).
 
-`SecondMoment` is a plain sum H = sum_t x_t x_t^T with a token count, so shards computed on different processes
-merge exactly (add the sums, add the counts): a later step can all-reduce `H.sum` and `H.count` directly.
+The moment is a plain float64 sum H = sum_t x_t x_t^T with a token count, so shards computed on different
+processes merge exactly (add the sums, add the counts): `distributed.reduce_moment_` all-reduces both.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from hooks.stats import gram
+from hooks.stats import SecondMoment
 from mechslice.errors import MechsliceError
 
 # SliceGPT's damping: add 0.01 * mean(diag H) to the diagonal before `eigh`.
 DAMPING = 0.01
-
-
-@dataclass
-class SecondMoment:
-    """H = sum over calibration tokens of x x^T (float64), with the number of tokens it sums."""
-
-    d: int
-    device: torch.device | str = "cpu"
-    sum: Float[Tensor, "d d"] = field(init=False)
-    count: int = 0
-
-    def __post_init__(self) -> None:
-        self.sum = torch.zeros(self.d, self.d, dtype=torch.float64, device=self.device)
-
-    def add(self, x: Float[Tensor, "... d"]) -> None:
-        """Accumulate the tokens of `x` (any leading shape)."""
-        flat = x.reshape(-1, self.d)
-        self.sum += gram(flat)
-        self.count += flat.shape[0]
-
-    def merge(self, other: SecondMoment) -> None:
-        """Add another shard's sums (exact: the statistic is a plain sum)."""
-        self.sum += other.sum.to(self.sum.device)
-        self.count += other.count
 
 
 def require_finite(x: Tensor, signal: str) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel
+from mechslice.loaded import LoadedModel
 
 # Child modules of a block that may sit beside the two pre-norms without touching the residual stream.
 _NORM_WORDS = ("norm",)

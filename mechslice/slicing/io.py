@@ -38,7 +38,7 @@ from mechslice import distributed
 from mechslice.adapters import ArchAdapter, adapter_for
 from mechslice.atomic import atomic_write_folder
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel
+from mechslice.loaded import LoadedModel
 from mechslice.slicing.layers import SHORTCUTS, install_shortcut
 from mechslice.slicing.rotation import norm_eps
 from mechslice.slicing.slicer import SlicingRecord

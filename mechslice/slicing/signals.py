@@ -15,8 +15,9 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mechslice.loading import LoadedModel
-from mechslice.slicing.calibration import SecondMoment, require_finite
+from hooks.stats import SecondMoment
+from mechslice.loaded import LoadedModel
+from mechslice.slicing.calibration import require_finite
 
 CallArgs = list[dict[str, Any]]  # keyword arguments the decoder passes to each layer, by layer index
 

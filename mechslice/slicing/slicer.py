@@ -28,12 +28,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hooks.allocator import pin_mmap_threshold
+from hooks.stats import SecondMoment
 from mechslice import distributed
+from mechslice.attention import sdpa_attention
+from mechslice.checks import check_sparsity
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel
-from mechslice.perplexity import sdpa_attention
+from mechslice.loaded import LoadedModel
 from mechslice.precision import dtype_name
-from mechslice.slicing.calibration import SecondMoment, pca, require_finite, warn_if_few_tokens
+from mechslice.slicing.calibration import pca, require_finite, warn_if_few_tokens
 from mechslice.slicing.fusion import fuse_norms
 from mechslice.slicing.layers import ShortcutBlock, attn_branch, install_shortcut, mlp_branch
 from mechslice.slicing.rotation import (
@@ -92,8 +94,7 @@ def sliced_width(d: int, sparsity: float, round_to: int = 8) -> int:
 
 def kept_size(n: int, sparsity: float, round_to: int, symbol: str, minimum: int = 1, why: str = "") -> int:
     """n' = floor((1-s) n / r) * r units of an axis named `symbol` kept (d, m, v, L), refused below `minimum`."""
-    if not 0.0 <= sparsity < 1.0 or math.isnan(sparsity):
-        raise MechsliceError(f"sparsity must lie in [0, 1), got {sparsity}; e.g. --sparsity 0.25")
+    check_sparsity(sparsity)
     if round_to < 1:
         raise MechsliceError(f"round_to must be at least 1, got {round_to}; use 1 for no rounding")
     # round(., 6) keeps (1-s)d = 460.8 from becoming 460.79999 and flooring one multiple too low
@@ -108,7 +109,8 @@ def kept_size(n: int, sparsity: float, round_to: int, symbol: str, minimum: int 
     return kept
 
 
-def _versions() -> dict[str, str]:
+def software_versions() -> dict[str, str]:
+    """The versions of mechslice, torch and transformers, which every slicing and pruning record stores."""
     from importlib.metadata import version
 
     return {
@@ -397,7 +399,7 @@ def _record(
         shared_rotation=shared,
         calibration=dict(calibration),
         spectra=spectra,
-        versions=_versions(),
+        versions=software_versions(),
         dtype=dtype_name(lm.model.dtype),
     )
 
