@@ -388,7 +388,7 @@ def check_conformance(
             bridge(batch, stop_at_layer=stop if stop < len(bridge.blocks) else None)
             for check in checks:  # a block whose output hook never fired still has its stages compared
                 check.flush()
-    weights = [row.to_json() for row in weight_table(lm, list(chosen))]
+    weights = [row.to_dict() for row in weight_table(lm, list(chosen))]
     skipped: dict[str, tuple[list[int], str]] = {}
     missing = []
     for (index, equation), d in deviations.items():

@@ -97,7 +97,7 @@ class SweepSettings:
     # resolves auto on its device, so results.json always records the concrete dtype the numbers were made in
     dtype: str = AUTO
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists) for results.json."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
@@ -410,7 +410,7 @@ def _start(
 ) -> dict[str, Any]:
     path = out_dir / RESULTS_FILE
     if not path.exists():
-        return new_results(name, fingerprint, settings.to_json())
+        return new_results(name, fingerprint, settings.to_dict())
     if not resume:
         raise MechsliceError(f"'{path}' exists; pass --resume to continue it or choose another --out")
     results = load_results(out_dir)
@@ -420,9 +420,9 @@ def _start(
             f"pass --dtype {made_in} to resume it or choose another --out"
         )
     # a setting the file predates counts as what the code did before it existed, so such results still resume
-    defaults = {**SweepSettings().to_json(), **PREDATING}
+    defaults = {**SweepSettings().to_dict(), **PREDATING}
     theirs = {**defaults, **results.get("settings", {}), "dtype": made_in}
-    ours = settings.to_json()
+    ours = settings.to_dict()
     differ = sorted(k for k in ours if theirs[k] != ours[k])
     if differ:
         raise MechsliceError(

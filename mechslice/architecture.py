@@ -27,7 +27,7 @@ class WeightRow:
         """Whether the live shape equals the symbolic shape evaluated with this model's sizes."""
         return self.shape == self.expected
 
-    def to_json(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, object]:
         """Plain dict for JSON output."""
         return {**asdict(self), "matches": self.matches}
 

@@ -38,7 +38,7 @@ class PerplexityResult:
         """Scored tokens per second of wall time."""
         return self.tokens / self.seconds if self.seconds > 0 else float("inf")
 
-    def to_json(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float]:
         """Plain dict for JSON output."""
         return {**asdict(self), "tokens_per_s": self.tokens_per_s}
 

@@ -142,7 +142,7 @@ def test_missing_lm_eval_says_how_to_install(
 def test_winogrande_has_no_acc_norm(embedded: LoadedModel, capsys: pytest.CaptureFixture[str]) -> None:
     result = evaluate_mc(embedded.model, embedded.tokenizer, "winogrande", limit=2, progress=False)
     assert result.acc_norm is None and result.acc_norm_stderr is None
-    assert result.to_json()["acc_norm"] is None
+    assert result.to_dict()["acc_norm"] is None
     assert main(["mc", "--task", "winogrande", "--limit", "2", "--device", "cpu", "--dtype", "float32"]) == 0
     assert "acc_norm n/a (the harness defines no acc_norm for winogrande)" in capsys.readouterr().out
 

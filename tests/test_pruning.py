@@ -129,7 +129,7 @@ def test_pruned_folder_is_an_ordinary_checkpoint(family, method, tmp_path):
     loaded = load_model(str(out), device="cpu", dtype=torch.float32)
     assert torch.equal(logits(loaded), pruned)
     assert json.loads((out / "config.json").read_text())["head_dim"] == lm.dims.h_dim
-    saved = PruningRecord.from_json((out / RECORD).read_text())
+    saved = PruningRecord.from_dict(json.loads((out / RECORD).read_text()))
     assert saved == record and saved.dtype == "float32" and "torch" in saved.versions
     assert saved.calibration == {"n_samples": 8, "seqlen": 32, "tokens": 256, "corpus": "random"}
     assert [p.name for p in tmp_path.iterdir()] == ["pruned"]  # no temporary folder left

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         "vocab": dims.vocab,
         "parameters": sum(p.numel() for p in lm.model.parameters()),
         "tied_embeddings": lm.model.get_input_embeddings().weight is lm.model.get_output_embeddings().weight,
-        "weights": [row.to_json() for row in weight_table(lm)],
+        "weights": [row.to_dict() for row in weight_table(lm)],
     }
     emit(args, payload, _text)
     return 0

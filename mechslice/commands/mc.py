@@ -73,5 +73,5 @@ def run(args: argparse.Namespace) -> int:
         data=args.data,
         progress=show_progress(args),
     )
-    emit(args, {**model_fields(loaded), **result.to_json()}, _text)
+    emit(args, {**model_fields(loaded), **result.to_dict()}, _text)
     return 0

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         "split": args.split,
         "seqlen": args.seqlen,
         "windows": len(windows),
-        **result.to_json(),
+        **result.to_dict(),
     }
     emit(args, payload, _text)
     return 0

@@ -62,7 +62,7 @@ class MCResult:
     chance: float
     perplexity: float | None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict (an undefined standard error, n = 1, becomes null)."""
         return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(self).items()}
 

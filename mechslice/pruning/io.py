@@ -20,8 +20,9 @@ from mechslice.slicing.io import save_sliced
 def save_pruned(lm: LoadedModel, record: PruningRecord, out: Path, overwrite: bool = False) -> Path:
     """Write the pruned model, its tokenizer and `pruning.json` to `out`, atomically."""
     out = Path(out)
+    text = json.dumps(record.to_dict(), indent=1, allow_nan=False)  # strict JSON: a NaN score is refused
     if record.slicing is not None:
-        return save_sliced(lm, record.slicing, out, overwrite, extra={RECORD: record.to_json()})
+        return save_sliced(lm, record.slicing, out, overwrite, extra={RECORD: text})
     lm.reset_bridge()  # saving acts on the plain HF modules
 
     def write(folder: Path) -> None:
@@ -31,7 +32,7 @@ def save_pruned(lm: LoadedModel, record: PruningRecord, out: Path, overwrite: bo
         config["head_dim"] = lm.dims.h_dim
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         lm.tokenizer.save_pretrained(folder)
-        (folder / RECORD).write_text(record.to_json())  # last: its presence marks a complete folder
+        (folder / RECORD).write_text(text)  # last: its presence marks a complete folder
 
     distributed.on_main(lambda: atomic_write_folder(out, write, overwrite))
     return out

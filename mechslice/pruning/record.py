@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -43,16 +42,12 @@ class PruningRecord:
     # `slice` only: SliceGPT's own record (written as slicing.json beside this one, not inside it)
     slicing: SlicingRecord | None = field(default=None, repr=False)
 
-    def to_json(self) -> str:
-        """The record as strict JSON (the content of `pruning.json`), without the nested slicing record."""
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a JSON-ready dict (the content of `pruning.json`), without the nested slicing record."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "slicing"}
-        return json.dumps(
-            {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in values.items()},
-            indent=1,
-            allow_nan=False,
-        )
+        return {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in values.items()}
 
     @classmethod
-    def from_json(cls, text: str) -> PruningRecord:
-        """Read a record written by `to_json`."""
-        return cls(**json.loads(text))
+    def from_dict(cls, data: dict[str, Any]) -> PruningRecord:
+        """Read a record written by `to_dict`."""
+        return cls(**data)

@@ -73,7 +73,7 @@ def _save(lm: LoadedModel, record: SlicingRecord, out: Path, overwrite: bool, ex
             (folder / name).write_text(text)
         checksums = {file.name: _sha256(file) for file in sorted(folder.iterdir()) if file.is_file()}
         # last: its presence marks a complete folder
-        (folder / RECORD).write_text(replace(record, checksums=checksums).to_json())
+        (folder / RECORD).write_text(json.dumps(replace(record, checksums=checksums).to_dict(), indent=1))
 
     atomic_write_folder(out, write, overwrite)
 
@@ -187,7 +187,7 @@ def load_sliced(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTra
     """
     path = Path(path)
     try:
-        record = SlicingRecord.from_json((path / RECORD).read_text())
+        record = SlicingRecord.from_dict(json.loads((path / RECORD).read_text()))
         _verify_checksums(path, record)
         config = _read_config(path)
         adapter = adapter_for(config)

@@ -16,7 +16,6 @@ unembedding read the full-width stream (rotated, not cut), written by the last b
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -77,14 +76,14 @@ class SlicingRecord:
         """Width of the final norm and the unembedding."""
         return head_width(self.d, self.d_prime, self.slice_head)
 
-    def to_json(self) -> str:
-        """The record as a JSON document (the content of `slicing.json`)."""
-        return json.dumps(asdict(self), indent=1)
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a JSON-ready dict (the content of `slicing.json`)."""
+        return asdict(self)
 
     @classmethod
-    def from_json(cls, text: str) -> SlicingRecord:
-        """Read a record written by `to_json`; a record without `slice_head` predates the option and sliced it."""
-        return cls(**{"slice_head": True, **json.loads(text)})
+    def from_dict(cls, data: dict[str, Any]) -> SlicingRecord:
+        """Read a record written by `to_dict`; a record without `slice_head` predates the option and sliced it."""
+        return cls(**{"slice_head": True, **data})
 
 
 def sliced_width(d: int, sparsity: float, round_to: int = 8) -> int:
