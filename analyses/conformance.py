@@ -203,12 +203,12 @@ def apply_rope(
     return torch.cat((rotated * cos + rotate_half(rotated) * sin, rest), dim=-1)
 
 
-def _readers(x: Tensor, readers: tuple[torch.nn.Linear, ...], sizes: list[int]) -> tuple[Tensor, ...]:
+def _readers(x: Tensor, readers: tuple[torch.nn.Module, ...], sizes: list[int]) -> tuple[Tensor, ...]:
     """The outputs of a block's readers, split into `sizes`: separate W_q, W_k, W_v or one fused W_qkv alike."""
     return torch.cat([_linear(x, r) for r in readers], dim=-1).split(sizes, dim=-1)
 
 
-def _linear(x: Tensor, module: torch.nn.Linear) -> Tensor:
+def _linear(x: Tensor, module: torch.nn.Module) -> Tensor:
     bias = None if module.bias is None else module.bias.double()
     return F.linear(x, module.weight.double(), bias)
 

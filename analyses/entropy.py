@@ -37,7 +37,10 @@ from scipy.special import digamma, gammaln
 
 from mechslice.errors import MechsliceError
 
-Sample = Float[np.ndarray, "n d"] | Float[torch.Tensor, "n d"]
+# One layer's residual sample, (..., width) with leading dims flattened into tokens. Its axes start with `_`: named
+# for the reader but not bound at run time, since dense and sliced layers (and layers of one model) differ in
+# width and the shape is checked by `as_sample`, which refuses a wrong one in words.
+Sample = Float[np.ndarray, "*_n _width"] | Float[torch.Tensor, "*_n _width"]
 
 # Eigenvalues of a covariance below REL_EIG_FLOOR * lambda_max are clamped to that value. float64 round-off in
 # a d x d covariance is ~d * 1e-16 * lambda_max, so 1e-12 keeps every genuine direction of a d <= 1e4 stream
@@ -146,13 +149,14 @@ def gaussian_entropy(X: Sample, rel_floor: float = REL_EIG_FLOOR) -> float:
 
 
 def gaussian_entropy_from_moments(
-    sum_x: Float[np.ndarray, " d"] | Float[torch.Tensor, " d"],
-    sum_xxT: Float[np.ndarray, "d d"] | Float[torch.Tensor, "d d"],
+    sum_x: Float[np.ndarray, " _d"] | Float[torch.Tensor, " _d"],
+    sum_xxT: Float[np.ndarray, "_d _d"] | Float[torch.Tensor, "_d _d"],
     n: int,
     rel_floor: float = REL_EIG_FLOOR,
 ) -> float:
     """`gaussian_entropy` from streaming sums (sum of x and of x x^T over n tokens), for collectors that keep
-    only moments. Accumulate the sums in float64: the centring below subtracts two large numbers."""
+    only moments. Accumulate the sums in float64: the centring below subtracts two large numbers. The axes start
+    with `_` (not bound at run time): a (d, d) second moment that does not match is refused in words below."""
     s1 = as_sample(torch.as_tensor(sum_x).reshape(1, -1))[0]
     s2 = as_sample(sum_xxT)
     d = s1.shape[0]
@@ -421,7 +425,7 @@ def stream_spectra(
     return StreamSpectra(stream=stream, d=d, tokens=n, eigenvalues=spectra)
 
 
-def unit_sensitivity(H_sliced: float, H_dense: float, d_sliced: int, d: int) -> float:
+def unit_sensitivity(H_sliced: float, H_dense: float, d_prime: int, d: int) -> float:
     """d(H'/H)/d(log c): how far the ratio moves per factor e in the unit of both streams, (d' - d H'/H)/H.
 
     From h(cX) = h(X) + d log c: at width d' < d no ratio is unit-free; |value| * log(2) is the change if the
@@ -429,7 +433,7 @@ def unit_sensitivity(H_sliced: float, H_dense: float, d_sliced: int, d: int) -> 
     """
     if H_dense == 0.0:
         return math.nan
-    return (d_sliced - d * H_sliced / H_dense) / H_dense
+    return (d_prime - d * H_sliced / H_dense) / H_dense
 
 
 def unit_entropy(H: float, l: int, d: int) -> float:  # noqa: E741 (l: the paper's token count)
@@ -535,7 +539,7 @@ class LayerEntropy:
 
     layer: str
     d: int
-    d_sliced: int
+    d_prime: int
     n_dense: int
     n_sliced: int
     one_minus_s: float
@@ -595,7 +599,7 @@ def _compare(
         h0, hs = estimate(est, principal_axes(x0), **kw), estimate(est, principal_axes(xs), **kw)
     else:
         h0, hs = estimate(est, x0, **kw), estimate(est, xs, **kw)
-    d, d_s = x0.shape[1], xs.shape[1]
+    d, d_prime = x0.shape[1], xs.shape[1]
     r = entropy_ratio(hs, h0)
     return EstimatorComparison(
         H_dense=h0,
@@ -603,8 +607,8 @@ def _compare(
         ratio=r.ratio,
         same_sign=r.same_sign,
         kappa_dense=unit_entropy(h0, 1, d),
-        kappa_sliced=unit_entropy(hs, 1, d_s),
-        unit_sensitivity=unit_sensitivity(hs, h0, d_s, d),
+        kappa_sliced=unit_entropy(hs, 1, d_prime),
+        unit_sensitivity=unit_sensitivity(hs, h0, d_prime, d),
     )
 
 
@@ -639,11 +643,11 @@ def layer_entropy_summary(
     layers: list[LayerEntropy] = []
     for name, x_dense in dense_by.items():
         x0, xs = as_sample(x_dense), as_sample(sliced_by[name])
-        d, d_s = x0.shape[1], xs.shape[1]
+        d, d_prime = x0.shape[1], xs.shape[1]
         if stream == "normalised":
             x0, xs = rms_normalised(x0, d), rms_normalised(xs, d)
         spectra = None
-        if x0.shape[0] > d and xs.shape[0] > d_s:
+        if x0.shape[0] > d and xs.shape[0] > d_prime:
             spectra = covariance_spectrum(x0), covariance_spectrum(xs)
         comparisons = {est: _compare(est, x0, xs, kwargs.get(est, {}), spectra) for est in estimators}
         top = rank = None
@@ -651,23 +655,23 @@ def layer_entropy_summary(
             lam, lam_s = spectra
             e0, es = effective_rank_from_spectrum(lam), effective_rank_from_spectrum(lam_s)
             rank = RankComparison(e0, es, es / e0)
-            if d_s <= d:
-                top = kept_ratio(lam, d_s, "gaussian", rel_floor)
+            if d_prime <= d:
+                top = kept_ratio(lam, d_prime, "gaussian", rel_floor)
         layers.append(
             LayerEntropy(
                 name,
                 d,
-                d_s,
+                d_prime,
                 x0.shape[0],
                 xs.shape[0],
-                d_s / d,
+                d_prime / d,
                 comparisons,
                 top_ratio=top,
                 effective_rank=rank,
             )
         )
     names = [layer.layer for layer in layers]
-    cut = [layer.d_sliced < layer.d for layer in layers]
+    cut = [layer.d_prime < layer.d for layer in layers]
     signals = {
         est: ratio_signal(
             names,

@@ -160,12 +160,15 @@ class ShiftAccumulator:
 
     def update(
         self,
-        logits0: Float[Tensor, "batch pos vocab"],
-        logits_s: Float[Tensor, "batch pos vocab"],
-        targets: Int[Tensor, "batch pos"] | None = None,
-        mask: Bool[Tensor, "batch pos"] | None = None,
+        logits0: Float[Tensor, "*_batch_pos _vocab"],
+        logits_s: Float[Tensor, "*_batch_pos _vocab"],
+        targets: Int[Tensor, "*_batch_pos"] | None = None,
+        mask: Bool[Tensor, "*_batch_pos"] | None = None,
     ) -> None:
-        """Add one batch of dense and sliced logits over the same tokens."""
+        """Add one batch of dense and sliced logits, (batch, pos, vocab), over the same tokens.
+
+        The axes start with `_` (not bound at run time): `_check` refuses mismatched shapes in words.
+        """
         self._check(logits0, logits_s, targets, mask)
         batch, pos, vocab = logits0.shape
         positions = torch.arange(pos).expand(batch, pos).reshape(-1)
@@ -239,10 +242,10 @@ class ShiftAccumulator:
 
 
 def output_shift(
-    logits0: Float[Tensor, "batch pos vocab"],
-    logits_s: Float[Tensor, "batch pos vocab"],
-    targets: Int[Tensor, "batch pos"] | None = None,
-    mask: Bool[Tensor, "batch pos"] | None = None,
+    logits0: Float[Tensor, "*_batch_pos _vocab"],
+    logits_s: Float[Tensor, "*_batch_pos _vocab"],
+    targets: Int[Tensor, "*_batch_pos"] | None = None,
+    mask: Bool[Tensor, "*_batch_pos"] | None = None,
     bucket_edges: Sequence[int] = DEFAULT_BUCKET_EDGES,
 ) -> ShiftResult:
     """One-shot `ShiftAccumulator` over a single batch of logits."""

@@ -264,7 +264,7 @@ def entropy_record(summary: EntropySummary, estimators: Sequence[str]) -> dict[s
     out: dict[str, Any] = {
         "stream": summary.stream,
         "signal": SIGNAL,
-        "d_sliced_per_layer": [layer.d_sliced for layer in layers],
+        "d_sliced_per_layer": [layer.d_prime for layer in layers],
     }
     for name in estimators:
         per = [layer.estimators[name] for layer in layers]

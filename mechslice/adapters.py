@@ -16,14 +16,17 @@ from mechslice.errors import MechsliceError
 
 @dataclass(frozen=True)
 class BlockView:
-    """The modules of one pre-norm decoder block that touch the residual stream (paper notation in comments)."""
+    """The modules of one pre-norm decoder block that touch the residual stream (paper notation in comments).
+
+    Readers and writers are nn.Linear layers, seen through TransformerLens's LinearBridge on a bridged model.
+    """
 
     input_norm: nn.Module  # W_norm before attention, Eq. (4)
-    attn_readers: tuple[nn.Linear, ...]  # W_q, W_k, W_v (or a fused W_qkv): read the normalized stream
-    attn_writer: nn.Linear  # W_o: writes A' back to the stream
+    attn_readers: tuple[nn.Module, ...]  # W_q, W_k, W_v (or a fused W_qkv): read the normalized stream
+    attn_writer: nn.Module  # W_o: writes A' back to the stream
     post_attn_norm: nn.Module  # the norm before the MLP
-    mlp_readers: tuple[nn.Linear, ...]  # W_gate, W_up (or a fused W_gate_up)
-    mlp_writer: nn.Linear  # W_down
+    mlp_readers: tuple[nn.Module, ...]  # W_gate, W_up (or a fused W_gate_up)
+    mlp_writer: nn.Module  # W_down
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from hooks.stats import SecondMoment
 from mechslice.errors import MechsliceError
 
 T = TypeVar("T")
-S = TypeVar("S", bound=Sequence)
+S = TypeVar("S", bound=Sequence | torch.Tensor)
 
 # A rank that waits longer than this at a collective is stuck (another rank died or diverged): fail, not hang.
 TIMEOUT = timedelta(minutes=30)

@@ -165,7 +165,7 @@ def test_layer_summary_on_pca_sliced_gaussian() -> None:
         include_knn=True,
     )
     layer0 = summary.layers[0]
-    assert (layer0.layer, layer0.d, layer0.d_sliced, layer0.one_minus_s) == ("0", 4, 2, 0.5)
+    assert (layer0.layer, layer0.d, layer0.d_prime, layer0.one_minus_s) == ("0", 4, 2, 0.5)
     g = layer0.estimators["gaussian"]
     per_dim = [0.5 * (LOG_2PIE + math.log(v)) for v in (8.0, 4.0, 2.0, 1.0)]
     expected_ratio = sum(per_dim[:2]) / sum(per_dim)  # 0.58: the leading dims carry more than half

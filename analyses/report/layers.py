@@ -60,7 +60,7 @@ def layer_curves(
 
 
 def spectrum_lines(
-    spectra: Mapping[str, Sequence[float]], colors: Sequence[str] | None = None
+    spectra: Mapping[str, Sequence[float] | Float[np.ndarray, " _k"]], colors: Sequence[str] | None = None
 ) -> list[go.Scatter]:
     """One line per label of eigenvalues (already in the order and scale to plot) against their index from 1;
     with `colors`, thin lines in those colours."""
