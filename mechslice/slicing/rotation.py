@@ -22,14 +22,14 @@ def _new(tensor: Tensor, value: Tensor) -> nn.Parameter:
     )
 
 
-def rotate_embedding(embedding: nn.Embedding, q: Float[Tensor, "d d_"]) -> None:
+def rotate_embedding(embedding: nn.Embedding, q: Float[Tensor, "d d_prime"]) -> None:
     """E_in = E Q: the token embeddings written into the rotated, sliced stream."""
     w = embedding.weight
     embedding.weight = _new(w, w.double() @ q.to(w.device))
     embedding.embedding_dim = q.shape[1]
 
 
-def rotate_readers(readers: Iterable[nn.Linear], q: Float[Tensor, "d d_"], scale: float = 1.0) -> None:
+def rotate_readers(readers: Iterable[nn.Linear], q: Float[Tensor, "d d_prime"], scale: float = 1.0) -> None:
     """W -> scale * W Q on the input side of every linear that reads the (normalized) stream.
 
     `scale` carries the sliced norm's sqrt(d/d') (see `resize_norm`), folded here in float64 and rounded once.
@@ -40,7 +40,7 @@ def rotate_readers(readers: Iterable[nn.Linear], q: Float[Tensor, "d d_"], scale
         linear.in_features = q.shape[1]
 
 
-def rotate_writer(writer: nn.Linear, q: Float[Tensor, "d d_"]) -> None:
+def rotate_writer(writer: nn.Linear, q: Float[Tensor, "d d_prime"]) -> None:
     """W -> Q^T W (and b -> Q^T b) on the output side of a linear that writes the stream."""
     w = writer.weight
     qt = q.to(w.device).T

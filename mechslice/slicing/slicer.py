@@ -178,7 +178,7 @@ class _Rotator:
             self._finish_config()
         self.prev = q
 
-    def middle(self, i: int, q: Float[Tensor, "d d_"]) -> None:
+    def middle(self, i: int, q: Float[Tensor, "d d_prime"]) -> None:
         view = self.lm.adapter.block(self.layers[i])
         rotate_writer(view.attn_writer, q)
         self._read(view.post_attn_norm, view.mlp_readers, q)
