@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from analyses.conformance import EQUATIONS, check_conformance
-from analyses.sweep import SweepSettings, run_sweep
+from analyses.sweep import run_sweep
 from hooks.flow import trace
 from mechslice.adapters import adapter_for
 from mechslice.cli import main
@@ -41,7 +41,7 @@ from mechslice.loaded import LoadedModel
 from mechslice.loading import load_model
 from mechslice.slicing import fuse_norms, save_sliced, slice_model
 from mechslice.slicing.layers import ShortcutBlock
-from tests.conftest import randomize_norms
+from tests.conftest import randomize_norms, sweep_settings
 
 VOCAB, D, WINDOW = 256, 64, 4
 # Logits are O(1) after a few d = 64 fp32 dot products: reordering the sums (fusion, a rotation by an orthogonal
@@ -249,18 +249,14 @@ def test_sliding_window_is_traced_and_checked(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sweep_runs_two_sparsities(family, saved, corpus, tmp_path):
-    settings = SweepSettings(
+    # probe_tokens 128 (the shared default) gives more rows than d = 64: the Gaussian covariance is not singular
+    settings = sweep_settings(
+        corpus,
         sparsities=(0.25, 0.5),
-        tasks=("ppl",),
         path="exact",
-        calib_corpus=corpus,
-        calib_samples=4,
         calib_seqlen=32,
-        ppl_corpus=corpus,
         ppl_seqlen=16,
         ppl_max_tokens=64,
-        estimators=("gaussian",),
-        probe_tokens=128,  # more rows than d = 64, so the Gaussian covariance is not singular
         probe_seqlen=16,
     )
     results = run_sweep(

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from mechslice import distributed
 from mechslice.errors import MechsliceError
 from mechslice.loaded import LoadedModel
 from mechslice.loading import load_model
-from tests.conftest import randomize_norms
+from tests.conftest import randomize_norms, tiny_llama_config
 
 VOCAB = 49152  # the embedded tokenizer's, so real text (the MC items, the calibration corpus) fits the model
 CALIB_SEED, IDS_SEED, EVAL_SEED = 1, 2, 3
@@ -50,16 +50,7 @@ def _ids(n: int, seqlen: int, seed: int) -> torch.Tensor:
 def _tiny_folder(folder: Path) -> Path:
     """A seeded random tiny Llama (non-trivial norm weights) with the embedded tokenizer, saved as a folder."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
+    config = tiny_llama_config(vocab_size=VOCAB, tie_word_embeddings=True)
     model = LlamaForCausalLM(config).eval()
     randomize_norms(model)
     model.save_pretrained(folder)

@@ -13,9 +13,8 @@ import torch
 from mechslice.atomic import atomic_write_json, remove_leftovers
 from mechslice.loading import load_model
 from mechslice.slicing import save_sliced, slice_model
+from tests.conftest import DEAD_PID
 from tests.test_slicing import CALIB, random_lm
-
-DEAD_PID = 4_194_305  # above Linux's largest pid_max (2**22): no process has it
 
 
 def test_stale_temp_files_are_removed_and_live_ones_kept(tmp_path: Path) -> None:

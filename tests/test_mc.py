@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from mechslice.adapters import adapter_for
 from mechslice.cli import main
@@ -35,6 +35,7 @@ from mechslice.mc.tasks import (
     winogrande_item,
 )
 from mechslice.slicing import slice_model
+from tests.conftest import tiny_llama_config
 
 PIQA_DOCS = [
     {
@@ -57,14 +58,12 @@ def tokenizer():
 def tiny_llama(layers: int, attn: str = "sdpa", hidden: int = 32) -> LlamaForCausalLM:
     """A seeded random Llama over the SmolLM2 vocabulary; with 0 layers it is a bigram model."""
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = tiny_llama_config(
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         vocab_size=49152,
-        tie_word_embeddings=False,
+        max_position_embeddings=2048,
         attn_implementation=attn,
     )
     return LlamaForCausalLM(config).eval()

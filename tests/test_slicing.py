@@ -7,7 +7,6 @@ import torch
 from torch import nn
 from transformers import (
     Gemma2Config,
-    LlamaConfig,
     LlamaForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
@@ -24,7 +23,7 @@ from mechslice.loading import load_model
 from mechslice.slicing import Slicer, fuse_norms, slice_model, sliced_width
 from mechslice.slicing.calibration import pca, principal_angles
 from mechslice.slicing.layers import ShortcutBlock
-from tests.conftest import randomize_norms
+from tests.conftest import randomize_norms, tiny_llama_config
 
 D, VOCAB = 64, 128
 # fp32 logits of O(1) after a handful of d=64 dot products: rounding differences stay ~1e-6; 1e-4 leaves margin
@@ -40,13 +39,11 @@ def tokenizer():
 def random_lm(tokenizer, n_layers: int = 2, seed: int = 0) -> LoadedModel:
     """A tiny Llama with tied embeddings and non-trivial norm weights (so fusion has something to fold)."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = tiny_llama_config(
         hidden_size=D,
-        intermediate_size=128,
         num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         vocab_size=VOCAB,
+        max_position_embeddings=2048,
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config).eval()

@@ -7,61 +7,20 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaForCausalLM
 
 from analyses.predictors import dense_prediction
 from analyses.results import RESULTS_FILE as RESULTS
-from analyses.sweep import QUICK, SweepSettings, run_sweep, settings_from
+from analyses.sweep import SweepSettings, run_sweep, settings_from
 from mechslice.cli import main
-from mechslice.corpora import load_corpus
 from mechslice.errors import MechsliceError
-from mechslice.loading import load_model
 from mechslice.precision import dtype_name, resolve_dtype
-from tests.conftest import tiny_llama_config
-from tests.test_leftovers import DEAD_PID
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A seeded random tiny Llama saved with the embedded tokenizer (so real text tokenizes)."""
-    folder = tmp_path_factory.mktemp("tiny")
-    tokenizer = load_model(device="cpu").tokenizer
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer))).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Real Wikipedia text in a file: train and test paragraphs for calibration and perplexity."""
-    path = tmp_path_factory.mktemp("corpus") / "wiki.txt"
-    path.write_text(load_corpus("wiki", "test")[:60_000], encoding="utf-8")
-    return f"text:{path}"
-
-
-def _settings(corpus: str, **kw: object) -> SweepSettings:
-    base = dict(
-        sparsities=(0.0, 0.25, 0.5),
-        tasks=("ppl",),
-        calib_corpus=corpus,
-        calib_samples=4,
-        calib_seqlen=64,
-        ppl_corpus=corpus,
-        ppl_seqlen=64,
-        ppl_max_tokens=256,
-        estimators=("gaussian",),
-        probe_tokens=128,
-        probe_seqlen=64,
-    )
-    return settings_from(QUICK, **{**base, **kw})
+from tests.conftest import DEAD_PID, sweep_settings
 
 
 def test_sweep_records_and_resume(
     tiny_folder: Path, corpus: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    settings = _settings(corpus)
+    settings = sweep_settings(corpus)
     results = run_sweep(settings, tmp_path, str(tiny_folder), "cpu", progress=False, log=lambda _: None)
     records = results["records"]
     assert [r["sparsity"] for r in records] == [0.0, 0.25, 0.5]
@@ -125,12 +84,17 @@ def test_sweep_records_and_resume(
         run_sweep(settings, tmp_path, str(tiny_folder), "cpu", progress=False, log=lambda _: None)
     with pytest.raises(MechsliceError, match="other settings"):
         run_sweep(
-            _settings(corpus, ppl_seqlen=32), tmp_path, str(tiny_folder), "cpu", resume=True, progress=False
+            sweep_settings(corpus, ppl_seqlen=32),
+            tmp_path,
+            str(tiny_folder),
+            "cpu",
+            resume=True,
+            progress=False,
         )
 
 
 def test_resume_refuses_another_model(tiny_folder: Path, corpus: str, tmp_path: Path) -> None:
-    settings = _settings(corpus, sparsities=(0.0,))
+    settings = sweep_settings(corpus, sparsities=(0.0,))
     run_sweep(settings, tmp_path, str(tiny_folder), "cpu", progress=False, log=lambda _: None)
     results = json.loads((tmp_path / RESULTS).read_text())
     results["model_fingerprint"] = "0000000000000000"
@@ -143,7 +107,7 @@ def test_dtype_setting_runs_refuses_another_dtype_and_old_files_resume(
     tiny_folder: Path, corpus: str, tmp_path: Path
 ) -> None:
     def sweep(out: str, resume: bool = False, **kw: object) -> list[dict]:
-        settings = _settings(corpus, **kw)
+        settings = sweep_settings(corpus, **kw)
         return run_sweep(settings, tmp_path / out, str(tiny_folder), "cpu", resume, False, lambda _: None)[
             "records"
         ]
@@ -170,7 +134,7 @@ def test_dtype_setting_runs_refuses_another_dtype_and_old_files_resume(
 def test_a_file_that_predates_the_faithfulness_settings_resumes_only_as_what_it_was(
     tiny_folder: Path, corpus: str, tmp_path: Path
 ) -> None:
-    settings = _settings(corpus, sparsities=(0.0,), dtype="float32")
+    settings = sweep_settings(corpus, sparsities=(0.0,), dtype="float32")
     first = run_sweep(settings, tmp_path, str(tiny_folder), "cpu", progress=False, log=lambda _: None)
     results = json.loads((tmp_path / RESULTS).read_text())
     for key in ("slice_head", "calib_sampler", "entropy_stream", "include_knn"):
@@ -180,7 +144,7 @@ def test_a_file_that_predates_the_faithfulness_settings_resumes_only_as_what_it_
     # default run would mix those numbers with today's, so it is refused, naming every such setting
     with pytest.raises(MechsliceError, match="calib_sampler, entropy_stream, include_knn, slice_head"):
         run_sweep(settings, tmp_path, str(tiny_folder), "cpu", resume=True, progress=False)
-    old = _settings(
+    old = sweep_settings(
         corpus,
         sparsities=(0.0,),
         dtype="float32",
@@ -204,7 +168,7 @@ def test_a_file_that_predates_the_faithfulness_settings_resumes_only_as_what_it_
         ({"estimators": ("entropy-o-meter",)}, "unknown entropy estimator"),
     ],
 )
-def test_bad_settings(overrides: dict[str, object], message: str) -> None:
+def test_badsweep_settings(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(MechsliceError, match=message):
         settings_from(SweepSettings(), **overrides)
 
@@ -246,7 +210,7 @@ def test_leftovers_of_a_killed_sweep_are_removed_and_the_resumed_results_are_ide
 ) -> None:
     """Killed while writing s = 0.25: a 0-byte and a half-written temp results file and a temp spectra file.
     The resumed run removes them, never reads them, and ends with exactly the uninterrupted run's numbers."""
-    settings = _settings(corpus, sparsities=(0.0, 0.25))
+    settings = sweep_settings(corpus, sparsities=(0.0, 0.25))
 
     def sweep(out: Path, resume: bool = False) -> list[dict]:
         records = run_sweep(settings, out, str(tiny_folder), "cpu", resume, False, lambda _: None)["records"]
