@@ -18,7 +18,14 @@ def test_info_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--dtype", "bfloat16", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["dtype"] == "bfloat16"
-    assert info["d"] == 576 and info["layers"] == 30 and info["kv_heads"] == 3
+    assert (info["d"], info["n_layers"], info["h_attn"], info["v"], info["h_dim"], info["m"]) == (
+        576,
+        30,
+        9,
+        3,
+        64,
+        1536,
+    )
     assert all(row["matches"] for row in info["weights"])
     assert {row["symbol"] for row in info["weights"]} >= {
         "W_q",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from typing import Any
 
 from mechslice.architecture import weight_table
@@ -18,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the dtype chosen and why, d, layers, heads, KV heads, head dim, d_mlp, vocab, parameters, Table 2."""
+    """Print the dtype chosen and why, the Table 1 sizes (d, n_layers, h_attn, v, h_dim, m, vocab), parameters, Table 2."""
     dtype, reason = dtype_from_args(args)
     lm = load_model(args.model, device=args.device or default_device(), dtype=dtype)
     dims = lm.dims
@@ -27,13 +28,9 @@ def run(args: argparse.Namespace) -> int:
         "dtype_reason": reason,
         "source": lm.source,
         "architecture": lm.adapter.model_type,
-        "d": dims.d,
-        "layers": dims.n_layers,
-        "heads": dims.h_attn,
-        "kv_heads": dims.v,
-        "head_dim": dims.h_dim,
-        "d_mlp": dims.m,
-        "vocab": dims.vocab,
+        **asdict(
+            dims
+        ),  # the paper's Table 1 names (d, m, h_attn, v, h_dim), as in the text below and the code
         "parameters": sum(p.numel() for p in lm.model.parameters()),
         "tied_embeddings": lm.model.get_input_embeddings().weight is lm.model.get_output_embeddings().weight,
         "weights": [row.to_dict() for row in weight_table(lm)],
@@ -46,8 +43,8 @@ def _text(p: dict[str, Any]) -> str:
     lines = [
         f"{p['model']}: {p['model_description']} ({p['architecture']}) from {p['source']}",
         f"  dtype {p['dtype']} ({p['dtype_reason']})",
-        f"  d={p['d']}  layers={p['layers']}  h_attn={p['heads']}  v={p['kv_heads']}  h_dim={p['head_dim']}"
-        f"  m={p['d_mlp']}  vocab={p['vocab']}  parameters={p['parameters']:,}  tied={p['tied_embeddings']}",
+        f"  d={p['d']}  n_layers={p['n_layers']}  h_attn={p['h_attn']}  v={p['v']}  h_dim={p['h_dim']}"
+        f"  m={p['m']}  vocab={p['vocab']}  parameters={p['parameters']:,}  tied={p['tied_embeddings']}",
         "",
         "Table 2 (layer 0; shapes as input x output):",
         f"  {'matrix':<10} {'symbolic':<24} {'shape':<14} matches",
