@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from transformers import PreTrainedModel
 
+from mechslice.attention import sdpa_attention
 from mechslice.errors import MechsliceError
 
 # Bucket lower edges; the last bucket is open-ended: [0,16), [16,64), [64,256), [256,1024), [1024, inf).
@@ -251,4 +253,23 @@ def output_shift(
     """One-shot `ShiftAccumulator` over a single batch of logits."""
     acc = ShiftAccumulator(bucket_edges)
     acc.update(logits0, logits_s, targets, mask)
+    return acc.result()
+
+
+@torch.no_grad()
+def shift_over_windows(
+    dense: PreTrainedModel, sliced: PreTrainedModel, windows: Int[Tensor, "w seqlen"], batch_size: int = 1
+) -> ShiftResult:
+    """Both models over the same token windows, `batch_size` at a time; logits at t are scored against token t+1.
+
+    The one output-shift measurement: the sweep's records and the `shift` command both come from here.
+    """
+    acc = ShiftAccumulator()
+    dense_device, sliced_device = (next(m.parameters()).device for m in (dense, sliced))
+    with sdpa_attention(dense), sdpa_attention(sliced):
+        for start in range(0, windows.shape[0], batch_size):
+            ids = windows[start : start + batch_size].to(dense_device)
+            acc.update(
+                dense(ids).logits[:, :-1], sliced(ids.to(sliced_device)).logits[:, :-1], targets=ids[:, 1:]
+            )
     return acc.result()

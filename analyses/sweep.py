@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -39,10 +38,9 @@ from analyses.results import (
     results_dtype,
     write_results,
 )
-from analyses.shift import ShiftAccumulator
+from analyses.shift import shift_over_windows
 from mechslice import distributed
 from mechslice.atomic import atomic_write_json
-from mechslice.attention import sdpa_attention
 from mechslice.checks import check_output_dir, check_seqlen, check_sparsity
 from mechslice.corpora import CALIBRATION_SEED, calibration_windows, corpus_tokens, eval_windows
 from mechslice.errors import MechsliceError
@@ -222,7 +220,7 @@ def _evaluate(
     out["entropy"] = residual_entropy(dense, lm, probe, settings)
     seconds["entropy"] = time.perf_counter() - start
     start = time.perf_counter()
-    out["shift"] = output_shift(dense, lm, probe.probe_windows)
+    out["shift"] = shift_over_windows(dense.model, lm.model, probe.probe_windows).to_dict()
     seconds["shift"] = time.perf_counter() - start
     return out, seconds
 
@@ -292,21 +290,6 @@ def entropy_record(summary: EntropySummary, estimators: Sequence[str]) -> dict[s
 
 def _signal_keys(signal: RatioSignal) -> dict[str, Any]:
     return {"ratio_mean": signal.ratio, "ratio_layers": signal.layers, "excluded_layers": signal.excluded}
-
-
-@torch.no_grad()
-def output_shift(dense: LoadedModel, sliced: LoadedModel, windows: Int[Tensor, "p seqlen"]) -> dict[str, Any]:
-    """KL, JS, predictive entropies, top-1 agreement and ln PPL of the sliced model against the dense one."""
-    acc = ShiftAccumulator()
-    with sdpa_attention(dense.model), sdpa_attention(sliced.model):
-        for window in windows:
-            ids = window[None].to(dense.device)
-            acc.update(
-                dense.model(ids).logits[:, :-1],
-                sliced.model(ids.to(sliced.device)).logits[:, :-1],
-                ids[:, 1:],
-            )
-    return acc.result().to_dict()
 
 
 def run_sweep(

@@ -9,14 +9,18 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from mechslice import distributed
 from mechslice.checks import check_device, check_seqlen
-from mechslice.corpora import CALIBRATION_SEED, SAMPLERS, calibration_windows
+from mechslice.corpora import CALIBRATION_SEED, SAMPLERS, calibration_windows, corpus_tokens, eval_windows
 from mechslice.errors import MechsliceError
 from mechslice.loaded import LoadedModel
 from mechslice.loading import DEFAULT_MODEL, default_device, describe_model, load_model
 from mechslice.precision import AUTO, DTYPES, dtype_name, resolve_dtype
+from mechslice.slicing.slicer import ROTATIONS
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -50,8 +54,11 @@ def add_json_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
-def add_calibration_args(parser: argparse.ArgumentParser) -> None:
-    """`--calib-corpus`, `--calib-sampler`, `--calib-samples`, `--calib-seqlen`: SliceGPT's calibration by default."""
+def add_calibration_args(parser: argparse.ArgumentParser, samples: int = 128, seqlen: int = 2048) -> None:
+    """`--calib-corpus`, `--calib-sampler`, `--calib-samples`, `--calib-seqlen`: SliceGPT's calibration by default.
+
+    The probing commands (entropy, shift) pass 32 x 512: they compare many sparsities and need minutes, not hours.
+    """
     parser.add_argument(
         "--calib-corpus", default="wiki", help="wiki, wikitext2:PATH or text:PATH (train split)"
     )
@@ -61,8 +68,17 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
         default="slicegpt",
         help="slicegpt (default: whole documents from a seeded random start, none reused) or offsets",
     )
-    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    parser.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    parser.add_argument(
+        "--calib-samples", type=int, default=samples, help=f"calibration windows (default {samples})"
+    )
+    parser.add_argument(
+        "--calib-seqlen", type=int, default=seqlen, help=f"tokens per window (default {seqlen})"
+    )
+
+
+def add_rotation_arg(parser: argparse.ArgumentParser) -> None:
+    """`--rotation`: SliceGPT's per-layer rotations (default) or one shared rotation."""
+    parser.add_argument("--rotation", choices=ROTATIONS, default="per-layer", help="default per-layer")
 
 
 def calibration_from_args(args: argparse.Namespace, lm: LoadedModel) -> torch.Tensor:
@@ -86,6 +102,45 @@ def calibration_fields(args: argparse.Namespace) -> dict[str, Any]:
         "seed": CALIBRATION_SEED,
         "sampler": args.calib_sampler,
     }
+
+
+def add_token_args(parser: argparse.ArgumentParser, default_max_tokens: int) -> None:
+    """--text, or --corpus/--split with --max-tokens, in windows of --seqlen."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text", default=None, help="trace this text (one sequence)")
+    source.add_argument("--corpus", default="wiki", help="wiki, wikitext2:PATH or text:PATH (default wiki)")
+    parser.add_argument("--split", default="test", choices=["test", "train"])
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=default_max_tokens,
+        help=f"corpus tokens (default {default_max_tokens})",
+    )
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per corpus window (default 512)")
+
+
+def token_windows(
+    tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace, context: int
+) -> Int[Tensor, "w seqlen"]:
+    """The tokens to trace: the --text as one sequence, or the first --max-tokens corpus tokens in windows;
+    neither longer than the model's `context` (positions beyond it were never trained)."""
+    if args.text is not None:
+        ids = tokenizer(args.text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if ids.numel() == 0:
+            raise MechsliceError("--text is empty (no tokens); give some text or use --corpus")
+        if ids.numel() > context:
+            raise MechsliceError(
+                f"--text has {ids.numel()} tokens, more than the model's context of {context}; shorten it to "
+                f"at most {context} tokens, or trace a corpus in windows (--corpus text:FILE --seqlen {context})"
+            )
+        return ids
+    check_seqlen(args.seqlen, context, "--seqlen")
+    ids = corpus_tokens(tokenizer, args.corpus, args.split)
+    if args.max_tokens > ids.numel():
+        raise MechsliceError(
+            f"--max-tokens {args.max_tokens} is more than the {ids.numel()} tokens of {args.corpus}/{args.split}"
+        )
+    return eval_windows(ids, args.seqlen, args.max_tokens)
 
 
 def show_progress(args: argparse.Namespace) -> bool:

@@ -6,19 +6,22 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from jaxtyping import Int
-from torch import Tensor
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-
 from analyses.entropy import RANK, RATIO_ESTIMATORS, SIGNAL, STREAMS
 from analyses.layer_entropy import check_estimators, check_gaussian_rows, entropy_sweep
-from mechslice.checks import check_output_file, check_seqlen
-from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args
-from mechslice.commands.trace import add_token_args, token_windows
-from mechslice.corpora import CALIBRATION_SEED, calibration_windows
+from mechslice.checks import check_output_file
+from mechslice.commands._common import (
+    add_calibration_args,
+    add_model_args,
+    add_rotation_arg,
+    add_token_args,
+    calibration_from_args,
+    emit,
+    model_fields,
+    model_from_args,
+    token_windows,
+)
 from mechslice.errors import MechsliceError
 from mechslice.slicing import sliced_width
-from mechslice.slicing.slicer import ROTATIONS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("entropy", help="per-layer residual-stream entropy of dense vs sliced models")
     add_model_args(parser)
     add_token_args(parser, default_max_tokens=4096)
-    add_calibration_args(parser)
+    add_rotation_arg(parser)
+    add_calibration_args(parser, samples=32, seqlen=512)
     parser.add_argument(
         "--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3], help="default 0.1 0.2 0.3"
     )
@@ -50,26 +54,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def add_calibration_args(parser: argparse.ArgumentParser) -> None:
-    """--rotation, --calib-corpus, --calib-samples, --calib-seqlen: how the sliced models are calibrated."""
-    parser.add_argument("--rotation", choices=ROTATIONS, default="per-layer", help="default per-layer")
-    parser.add_argument(
-        "--calib-corpus", default="wiki", help="wiki, wikitext2:PATH or text:PATH (train split)"
-    )
-    parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
-    parser.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
-
-
-def calibration_from_args(
-    tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace, context: int
-) -> Int[Tensor, "n seqlen"]:
-    """The seeded calibration windows named by --calib-corpus, --calib-samples, --calib-seqlen."""
-    check_seqlen(args.calib_seqlen, context, "--calib-seqlen")
-    return calibration_windows(
-        tokenizer, args.calib_corpus, args.calib_samples, args.calib_seqlen, CALIBRATION_SEED
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     """Slice at each sparsity, estimate per-layer entropies, print (and optionally plot) them."""
     estimators = check_estimators(args.estimators, args.include_knn)
@@ -87,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         )
     sets_rows = "--samples" if args.samples is not None else "--max-tokens" if args.text is None else "--text"
     check_gaussian_rows(estimators, samples, lm.dims.d, sets_rows)  # before calibrating
-    calib = calibration_from_args(lm.tokenizer, args, lm.model.config.max_position_embeddings)
+    calib = calibration_from_args(args, lm)
     sweep = entropy_sweep(
         lm,
         args.sparsities,

@@ -5,16 +5,19 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import torch
-from jaxtyping import Int
-from torch import Tensor
-from transformers import PreTrainedModel
-
-from analyses.shift import ShiftAccumulator, ShiftResult
+from analyses.shift import shift_over_windows
 from mechslice.checks import check_at_least
-from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args
-from mechslice.commands.entropy import add_calibration_args, calibration_from_args
-from mechslice.commands.trace import add_token_args, token_windows
+from mechslice.commands._common import (
+    add_calibration_args,
+    add_model_args,
+    add_rotation_arg,
+    add_token_args,
+    calibration_from_args,
+    emit,
+    model_fields,
+    model_from_args,
+    token_windows,
+)
 from mechslice.errors import MechsliceError
 from mechslice.slicing import Slicer, sliced_width
 
@@ -24,25 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("shift", help="KL, JS, entropy, top-1 agreement, ln PPL: dense vs sliced")
     add_model_args(parser)
     add_token_args(parser, default_max_tokens=4096)
-    add_calibration_args(parser)
+    add_rotation_arg(parser)
+    add_calibration_args(parser, samples=32, seqlen=512)
     parser.add_argument("--sparsity", type=float, required=True, help="fraction s of d to remove, in [0, 1)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     parser.set_defaults(func=run)
-
-
-@torch.no_grad()
-def output_shift_over(
-    dense: PreTrainedModel, sliced: PreTrainedModel, windows: Int[Tensor, "w seqlen"], batch_size: int = 1
-) -> ShiftResult:
-    """Stream both models over the same windows; logits at position t are scored against token t+1."""
-    acc = ShiftAccumulator()
-    device = next(dense.parameters()).device
-    for start in range(0, windows.shape[0], batch_size):
-        ids = windows[start : start + batch_size].to(device)
-        logits0 = dense(ids).logits[:, :-1]
-        logits_s = sliced(ids).logits[:, :-1]
-        acc.update(logits0, logits_s, targets=ids[:, 1:])
-    return acc.result()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
     windows = token_windows(lm.tokenizer, args, lm.model.config.max_position_embeddings)
     if windows.shape[1] < 2:
         raise MechsliceError("need at least 2 tokens: each prediction is scored against the next token")
-    calib = calibration_from_args(lm.tokenizer, args, lm.model.config.max_position_embeddings)
+    calib = calibration_from_args(args, lm)
     sliced, record = Slicer(lm, calib, args.rotation, progress=False).sliced(args.sparsity)
-    result = output_shift_over(lm.model, sliced.model, windows, args.batch_size)
+    result = shift_over_windows(lm.model, sliced.model, windows, args.batch_size)
     payload = {
         **model_fields(lm),
         "rotation": args.rotation,

@@ -13,6 +13,7 @@ from mechslice.checks import check_at_least, check_output_dir
 from mechslice.commands._common import (
     add_calibration_args,
     add_model_args,
+    add_rotation_arg,
     calibration_fields,
     calibration_from_args,
     emit,
@@ -25,7 +26,6 @@ from mechslice.loaded import LoadedModel
 from mechslice.loading import load_model
 from mechslice.memory import peak_memory_gb
 from mechslice.slicing import save_sliced, slice_model, sliced_width
-from mechslice.slicing.slicer import ROTATIONS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_model_args(parser)
     parser.add_argument("--sparsity", type=float, required=True, help="fraction s of d to remove, in [0, 1)")
-    parser.add_argument("--rotation", choices=ROTATIONS, default="per-layer", help="default per-layer")
+    add_rotation_arg(parser)
     add_calibration_args(parser)
     parser.add_argument(
         "--slice-head",

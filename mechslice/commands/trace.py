@@ -8,13 +8,18 @@ from typing import Any
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from analyses.conformance import check_conformance
 from hooks.flow import TraceError, trace
-from mechslice.checks import available_memory, check_at_least, check_seqlen
-from mechslice.commands._common import add_model_args, emit, model_fields, model_from_args
-from mechslice.corpora import corpus_tokens, eval_windows
+from mechslice.checks import available_memory, check_at_least
+from mechslice.commands._common import (
+    add_model_args,
+    add_token_args,
+    emit,
+    model_fields,
+    model_from_args,
+    token_windows,
+)
 from mechslice.errors import MechsliceError
 from mechslice.loaded import LoadedModel
 from mechslice.loading import default_device, load_model
@@ -40,45 +45,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     parser.add_argument("--no-conformance", action="store_true", help="skip the Eqs. (4)-(8) recomputation")
     parser.set_defaults(func=run)
-
-
-def add_token_args(parser: argparse.ArgumentParser, default_max_tokens: int) -> None:
-    """--text, or --corpus/--split with --max-tokens, in windows of --seqlen."""
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--text", default=None, help="trace this text (one sequence)")
-    source.add_argument("--corpus", default="wiki", help="wiki, wikitext2:PATH or text:PATH (default wiki)")
-    parser.add_argument("--split", default="test", choices=["test", "train"])
-    parser.add_argument(
-        "--max-tokens",
-        type=int,
-        default=default_max_tokens,
-        help=f"corpus tokens (default {default_max_tokens})",
-    )
-    parser.add_argument("--seqlen", type=int, default=512, help="tokens per corpus window (default 512)")
-
-
-def token_windows(
-    tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace, context: int
-) -> Int[Tensor, "w seqlen"]:
-    """The tokens to trace: the --text as one sequence, or the first --max-tokens corpus tokens in windows;
-    neither longer than the model's `context` (positions beyond it were never trained)."""
-    if args.text is not None:
-        ids = tokenizer(args.text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        if ids.numel() == 0:
-            raise MechsliceError("--text is empty (no tokens); give some text or use --corpus")
-        if ids.numel() > context:
-            raise MechsliceError(
-                f"--text has {ids.numel()} tokens, more than the model's context of {context}; shorten it to "
-                f"at most {context} tokens, or trace a corpus in windows (--corpus text:FILE --seqlen {context})"
-            )
-        return ids
-    check_seqlen(args.seqlen, context, "--seqlen")
-    ids = corpus_tokens(tokenizer, args.corpus, args.split)
-    if args.max_tokens > ids.numel():
-        raise MechsliceError(
-            f"--max-tokens {args.max_tokens} is more than the {ids.numel()} tokens of {args.corpus}/{args.split}"
-        )
-    return eval_windows(ids, args.seqlen, args.max_tokens)
 
 
 def check_trace_memory(lm: LoadedModel, windows: Int[Tensor, "w seqlen"], batch_size: int) -> None:
