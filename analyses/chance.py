@@ -14,16 +14,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from analyses.fits import LineFit, loo_errors
+from analyses.fits import LawPoints, LineFit, loo_errors
 from mechslice.errors import MechsliceError
 from mechslice.mc.tasks import TASKS, load_task, task_chance
-
-if TYPE_CHECKING:
-    from analyses.laws import LawPoints
 
 AT_CHANCE_SE = 3.0
 AT_CHANCE = "at chance: the law cannot be read"

@@ -37,7 +37,7 @@ the sweep (it is small on a whole test split); it ends up in sigma.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -283,3 +283,42 @@ def fit_line(
         s_min=float(s_arr.min()),
         s_max=float(s_arr.max()),
     )
+
+
+@dataclass(frozen=True)
+class LawPoints:
+    """The (s, y) points of one law on one dataset; `excluded` are sparsities whose y is undefined (why:
+    `undefined`).
+
+    `exact` marks the dense point (y fixed by construction). For accuracy, `var` is each point's own
+    sampling variance of ln acc and `shared_var` that of ln acc0, in every y but the dense one; both are 0
+    when `sampling` is "none" (a results file without standard errors or item counts).
+    """
+
+    s: np.ndarray
+    y: np.ndarray
+    excluded: list[float]
+    exact: np.ndarray
+    var: np.ndarray
+    shared_var: float = 0.0
+    n_items: int | None = None  # items per evaluation (for a new point's sampling variance); None: unknown
+    sampling: str = "none"  # "stderr" (recorded), "n" (from the item count) or "none"
+    undefined: str = (
+        ""  # the rule that dropped the `excluded` points, e.g. "acc = 0, where ln(acc / acc0) ..."
+    )
+    values: np.ndarray = field(default_factory=lambda: np.zeros(0))  # the metric (PPL or acc) at each point
+
+    def dropped_note(self) -> str | None:
+        """Which sparsities the fit left out and why (with how many it kept), or None when it left out none."""
+        if not self.excluded:
+            return None
+        where = ", ".join(f"{s:.3f}" for s in self.excluded)
+        return f"s = {where} dropped ({self.undefined}); {self.kept_text()}"
+
+    def kept_text(self) -> str:
+        """ "k of n sparsities > 0 have a defined value" (n counts the dropped ones)."""
+        kept = len(np.unique(self.s[~self.exact]))
+        total = kept + len(self.excluded)
+        if total == 0:
+            return "no sparsity > 0 has a value"
+        return f"{kept} of {total} sparsit{'y' if total == 1 else 'ies'} > 0 ha{'s' if kept == 1 else 've'} a defined value"
