@@ -162,7 +162,7 @@ def rotate_half(x: Float[Tensor, "... h_dim"]) -> Float[Tensor, "... h_dim"]:
 
 def rope_cos_sin(
     theta: float, h_dim: int, seqlen: int, device: torch.device
-) -> tuple[Float[Tensor, "pos h_dim"], Float[Tensor, "pos h_dim"]]:
+) -> tuple[Float[Tensor, "seqlen h_dim"], Float[Tensor, "seqlen h_dim"]]:
     """cos and sin of the default RoPE angles pos * theta^(-2i/h_dim), float64, each frequency used twice."""
     inv_freq = theta ** (-torch.arange(0, h_dim, 2, dtype=torch.float64, device=device) / h_dim)
     angles = torch.outer(torch.arange(seqlen, dtype=torch.float64, device=device), inv_freq)
@@ -172,7 +172,7 @@ def rope_cos_sin(
 
 def rope_tables(
     config: Any, h_dim: int, seqlen: int, device: torch.device
-) -> tuple[Float[Tensor, "pos r"], Float[Tensor, "pos r"]]:
+) -> tuple[Float[Tensor, "seqlen r"], Float[Tensor, "seqlen r"]]:
     """cos and sin over the first r rotary channels of a head (r = h_dim unless the config rotates a part).
 
     Default RoPE is the formula above; any scaled variant (llama3, linear, yarn, ...) takes its frequencies
@@ -194,8 +194,10 @@ def rope_tables(
 
 
 def apply_rope(
-    x: Float[Tensor, "b pos heads h_dim"], cos: Float[Tensor, "pos r"], sin: Float[Tensor, "pos r"]
-) -> Float[Tensor, "b pos heads h_dim"]:
+    x: Float[Tensor, "batch seqlen heads h_dim"],
+    cos: Float[Tensor, "seqlen r"],
+    sin: Float[Tensor, "seqlen r"],
+) -> Float[Tensor, "batch seqlen heads h_dim"]:
     """RoPE on the first r channels of every head, the rest passed through (r = h_dim for full RoPE)."""
     r = cos.shape[-1]
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads

@@ -38,7 +38,8 @@ from analyses.paper import LAWS, PAPER_DATASETS, PAPER_MODELS, PAPER_TABLE3, Pap
 from analyses.results import (
     DENSE_TOLERANCE,
     PPL,
-    STDERR_KEYS,
+    SweepRecord,
+    TaskScore,
     check_acc_key,
     dense_record,
     is_number,
@@ -47,6 +48,7 @@ from analyses.results import (
 )
 from mechslice import distributed
 from mechslice.atomic import atomic_write_text
+from mechslice.checks import check_sparsity
 from mechslice.errors import MechsliceError
 
 FITS_JSON = "fits.json"
@@ -63,31 +65,10 @@ DENSE_NOTE = (
 # ---------------------------------------------------------------- fitting
 
 
-def _binomial_se(metrics: dict[str, Any], acc_key: str) -> float | None:
-    """Standard error of a task's accuracy: as recorded, else from its item count n (scoring.rate's form)."""
-    se = metrics.get(STDERR_KEYS[acc_key])
-    if is_number(se):
-        return float(se)
-    n, p = metrics.get("n"), metrics.get(acc_key)
-    if isinstance(n, int) and n > 1 and is_number(p):
-        return math.sqrt(p * (1.0 - p) / (n - 1))
-    return None
-
-
-def _item_count(metrics: dict[str, Any], acc_key: str) -> int | None:
-    """Items behind an accuracy: recorded n, else the n that `rate` would turn into the recorded stderr."""
-    if isinstance(metrics.get("n"), int):
-        return int(metrics["n"])
-    se, p = metrics.get(STDERR_KEYS[acc_key]), metrics.get(acc_key)
-    if is_number(se) and se > 0 and is_number(p):
-        return round(p * (1.0 - p) / se**2) + 1
-    return None
-
-
-def _log_acc_var(metrics: dict[str, Any], acc_key: str, chance: float = 0.0) -> float | None:
+def _log_acc_var(score: TaskScore, acc_key: str, chance: float = 0.0) -> float | None:
     """Delta method: Var(ln(acc - c)) = SE^2 / (acc - c)^2 (None when no SE is known)."""
-    se = _binomial_se(metrics, acc_key)
-    return None if se is None else (se / (metrics[acc_key] - chance)) ** 2
+    se, acc = score.sampling_error(acc_key), score.accuracy(acc_key)
+    return None if se is None or acc is None else (se / (acc - chance)) ** 2
 
 
 def undefined_rule(dataset: str, acc_key: str = "acc", chance: float = 0.0) -> str:
@@ -109,15 +90,16 @@ def law_points(results: dict[str, Any], dataset: str, acc_key: str = "acc", chan
     record lacks the metric.
     """
 
-    def value(rec: dict[str, Any]) -> float | None:
+    def value(rec: SweepRecord) -> float | None:
         if dataset == PPL:
-            return rec.get("ppl")
-        return rec.get("tasks", {}).get(dataset, {}).get(acc_key)
+            return rec.ppl
+        return rec.tasks[dataset].accuracy(acc_key) if dataset in rec.tasks else None
 
     def defined(v: float) -> bool:  # ln PPL must be > 0 to divide by; ln(acc - c) needs acc > c
         return v > 1.0 if dataset == PPL else v > chance
 
-    dense = dense_record(results)
+    records = [SweepRecord.from_dict(rec) for rec in results["records"]]
+    dense = next(rec for rec in records if rec.is_dense)
     base = value(dense)
     if base is None:
         raise MechsliceError(
@@ -126,7 +108,7 @@ def law_points(results: dict[str, Any], dataset: str, acc_key: str = "acc", chan
     if not defined(base):
         raise MechsliceError(f"the dense model's {dataset} value {base} leaves the law undefined")
     s, y, excluded, used = [], [], [], []
-    for rec in results["records"]:
+    for rec in records:
         v = value(rec)
         if v is None:
             continue
@@ -134,10 +116,10 @@ def law_points(results: dict[str, Any], dataset: str, acc_key: str = "acc", chan
             s.append(0.0)
             y.append(1.0 if dataset == PPL else 0.0)
         elif not defined(v):
-            excluded.append(float(rec["effective_sparsity"]))
+            excluded.append(float(rec.effective_sparsity))
             continue
         else:
-            s.append(float(rec["effective_sparsity"]))
+            s.append(float(rec.effective_sparsity))
             y.append(
                 math.log(base) / math.log(v) if dataset == PPL else math.log((v - chance) / (base - chance))
             )
@@ -154,17 +136,16 @@ def law_points(results: dict[str, Any], dataset: str, acc_key: str = "acc", chan
     )
     if dataset == PPL:
         return points
-    metrics = [rec["tasks"][dataset] for rec in used]
-    variances = [_log_acc_var(m, acc_key, chance) for m in metrics]
+    variances = [_log_acc_var(rec.tasks[dataset], acc_key, chance) for rec in used]
     if any(v is None for v in variances):
         return points
-    dense_metrics = dense["tasks"][dataset]
+    dense_score = dense.tasks[dataset]
     return replace(
         points,
         var=np.where(exact, 0.0, np.asarray(variances, dtype=np.float64)),
-        shared_var=float(_log_acc_var(dense_metrics, acc_key, chance)),
-        n_items=_item_count(dense_metrics, acc_key),
-        sampling="stderr" if is_number(dense_metrics.get(STDERR_KEYS[acc_key])) else "n",
+        shared_var=float(_log_acc_var(dense_score, acc_key, chance)),
+        n_items=dense_score.item_count(acc_key),
+        sampling="stderr" if is_number(dense_score.standard_error(acc_key)) else "n",
     )
 
 
@@ -312,7 +293,7 @@ def _chance_law(results: dict[str, Any], task: str, acc_key: str) -> ChanceLaw:
     chance-corrected law with its leave-one-out comparison against the paper's form."""
     metrics = dense_record(results)["tasks"][task]
     chance, acc0 = chance_level(task, metrics), float(metrics[acc_key])
-    note = at_chance_note(acc0, _binomial_se(metrics, acc_key), chance)
+    note = at_chance_note(acc0, TaskScore.from_dict(metrics).sampling_error(acc_key), chance)
     if note is not None:
         return ChanceLaw(chance, note, not_fitted="the dense model is at chance")
     if acc0 <= chance:
@@ -464,13 +445,6 @@ def write_fits(table: FitTable, directory: str | Path) -> tuple[Path, Path]:
 # ---------------------------------------------------------------- prediction
 
 
-def check_sparsity(sparsity: float) -> float:
-    """A sparsity must lie in [0, 1): at s = 1 nothing of the residual stream is left."""
-    if not (is_number(sparsity) and 0.0 <= sparsity < 1.0):
-        raise MechsliceError(f"sparsity {sparsity!r} is outside [0, 1); pass e.g. --sparsity 0.25")
-    return float(sparsity)
-
-
 def ppl_from_y(ppl0: float, y: float) -> float | None:
     """Invert y = ln PPL0 / ln PPL: PPL = exp(ln PPL0 / y); None (unbounded) when y <= 0 or it overflows."""
     if y <= 0.0:
@@ -579,7 +553,7 @@ def record_signal(rec: dict[str, Any], stats: dict[str, Any]) -> RatioSignal | N
     h0, h1 = stats.get("per_layer_dense"), stats.get("per_layer")
     same = stats.get("same_sign_per_layer")
     if same is None and h0 and h1 and len(h0) == len(h1) == len(ratios):
-        same = [a is not None and b is not None and a * b > 0.0 for a, b in zip(h0, h1, strict=True)]
+        same = [a is not None and b is not None and bool(a * b > 0.0) for a, b in zip(h0, h1, strict=True)]
     widths = (rec.get("entropy") or {}).get("d_sliced_per_layer")
     sliced = [w < rec["d"] for w in widths] if widths and len(widths) == len(ratios) and "d" in rec else None
     return ratio_signal([str(i) for i in range(len(ratios))], ratios, same, sliced)

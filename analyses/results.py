@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from mechslice.atomic import atomic_write_json
+from mechslice.checks import check_sparsity
 from mechslice.errors import MechsliceError
-from mechslice.loading import LoadedModel
+from mechslice.loaded import LoadedModel
 
 RESULTS_FILE = "results.json"
 PPL = "ppl"  # the perplexity "task" of the settings and the dataset key of its law
@@ -72,6 +73,24 @@ class TaskScore:
     def standard_error(self, acc_key: str) -> float | None:
         """The recorded standard error of the accuracy named by `acc_key`."""
         return self.stderr if acc_key == "acc" else self.acc_norm_stderr
+
+    def sampling_error(self, acc_key: str) -> float | None:
+        """Standard error of the accuracy: as recorded, else from the item count n (`scoring.rate`'s form)."""
+        se, p = self.standard_error(acc_key), self.accuracy(acc_key)
+        if is_number(se):
+            return float(se)
+        if isinstance(self.n, int) and self.n > 1 and is_number(p):
+            return math.sqrt(p * (1.0 - p) / (self.n - 1))
+        return None
+
+    def item_count(self, acc_key: str) -> int | None:
+        """Items behind the accuracy: the recorded n, else the n that `rate` would turn into the recorded SE."""
+        if isinstance(self.n, int):
+            return self.n
+        se, p = self.standard_error(acc_key), self.accuracy(acc_key)
+        if is_number(se) and se > 0 and is_number(p):
+            return round(p * (1.0 - p) / se**2) + 1
+        return None
 
 
 # Record keys left out of the written object when they are None: a record has them only where measured.
@@ -155,11 +174,7 @@ def validate_results(results: object, where: str = RESULTS_FILE) -> dict[str, An
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise MechsliceError(f"{where}: record {i} is not an object; {fix}")
-        s = rec.get("effective_sparsity")
-        if not is_number(s) or not 0.0 <= s < 1.0:
-            raise MechsliceError(
-                f"{where}: record {i} has effective_sparsity {s!r}, not a number in [0, 1); {fix}"
-            )
+        check_sparsity(rec.get("effective_sparsity"), f"{where}: record {i}'s effective_sparsity", fix)
         if rec.get("ppl") is not None and not is_number(rec["ppl"]):
             raise MechsliceError(f"{where}: record {i} has ppl {rec['ppl']!r}, not a number or null; {fix}")
         tasks = rec.get("tasks", {})

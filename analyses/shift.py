@@ -34,48 +34,60 @@ NLL_METRICS = ("ln_ppl_dense", "ln_ppl_sliced")
 _LOG_FLOOR = torch.finfo(torch.float64).min
 
 
-def _clamp_log(logp: Float[Tensor, "*t vocab"], inplace: bool = False) -> Float[Tensor, "*t vocab"]:
+def _clamp_log(logp: Float[Tensor, "*tokens vocab"], inplace: bool = False) -> Float[Tensor, "*tokens vocab"]:
     return logp.clamp_min_(_LOG_FLOOR) if inplace else logp.clamp_min(_LOG_FLOOR)
 
 
-def _entropy(p: Float[Tensor, "*t vocab"], logp: Float[Tensor, "*t vocab"]) -> Float[Tensor, "*t"]:
+def _entropy(
+    p: Float[Tensor, "*tokens vocab"], logp: Float[Tensor, "*tokens vocab"]
+) -> Float[Tensor, "*tokens"]:
     return -(p * logp).sum(-1)
 
 
 def _kl(
-    p: Float[Tensor, "*t vocab"], logp: Float[Tensor, "*t vocab"], logq: Float[Tensor, "*t vocab"]
+    p: Float[Tensor, "*tokens vocab"],
+    logp: Float[Tensor, "*tokens vocab"],
+    logq: Float[Tensor, "*tokens vocab"],
 ) -> Tensor:
     return (p * (logp - logq)).sum(-1)
 
 
-def _js(p: Float[Tensor, "*t vocab"], q: Float[Tensor, "*t vocab"], h_p: Tensor, h_q: Tensor) -> Tensor:
+def _js(
+    p: Float[Tensor, "*tokens vocab"], q: Float[Tensor, "*tokens vocab"], h_p: Tensor, h_q: Tensor
+) -> Tensor:
     # JS = H((p+q)/2) - (H(p)+H(q))/2: one log pass instead of two KLs; cancellation costs ~1e-15 nats.
     m = (p + q).mul_(0.5)
     return _entropy(m, _clamp_log(m.log(), inplace=True)) - 0.5 * (h_p + h_q)
 
 
-def kl_divergence(logp: Float[Tensor, "*t vocab"], logq: Float[Tensor, "*t vocab"]) -> Float[Tensor, "*t"]:
+def kl_divergence(
+    logp: Float[Tensor, "*tokens vocab"], logq: Float[Tensor, "*tokens vocab"]
+) -> Float[Tensor, "*tokens"]:
     """KL(p || q) = sum p (log p - log q) over the last dim, from normalised log-probabilities."""
     logp, logq = _clamp_log(logp), _clamp_log(logq)
     return _kl(logp.exp(), logp, logq)
 
 
-def js_divergence(logp: Float[Tensor, "*t vocab"], logq: Float[Tensor, "*t vocab"]) -> Float[Tensor, "*t"]:
+def js_divergence(
+    logp: Float[Tensor, "*tokens vocab"], logq: Float[Tensor, "*tokens vocab"]
+) -> Float[Tensor, "*tokens"]:
     """Jensen-Shannon divergence 0.5 KL(p||m) + 0.5 KL(q||m), m = (p+q)/2; symmetric, in [0, ln 2]."""
     logp, logq = _clamp_log(logp), _clamp_log(logq)
     p, q = logp.exp(), logq.exp()
     return _js(p, q, _entropy(p, logp), _entropy(q, logq))
 
 
-def predictive_entropy(logp: Float[Tensor, "*t vocab"]) -> Float[Tensor, "*t"]:
+def predictive_entropy(logp: Float[Tensor, "*tokens vocab"]) -> Float[Tensor, "*tokens"]:
     """Entropy -sum p log p of the next-token distribution (nats)."""
     logp = _clamp_log(logp)
     return _entropy(logp.exp(), logp)
 
 
 def token_shift(
-    logits0: Float[Tensor, "t vocab"], logits_s: Float[Tensor, "t vocab"], targets: Int[Tensor, " t"] | None
-) -> dict[str, Float[Tensor, " t"]]:
+    logits0: Float[Tensor, "tokens vocab"],
+    logits_s: Float[Tensor, "tokens vocab"],
+    targets: Int[Tensor, " tokens"] | None,
+) -> dict[str, Float[Tensor, " tokens"]]:
     """Per-token metrics (float64) of a chunk of flattened tokens: METRICS, plus NLL_METRICS with targets."""
     logp0 = _clamp_log(torch.log_softmax(logits0, dim=-1, dtype=torch.float64), inplace=True)
     logps = _clamp_log(torch.log_softmax(logits_s, dim=-1, dtype=torch.float64), inplace=True)

@@ -166,9 +166,10 @@ def probe_token_count(settings: SweepSettings) -> int:
 class _Probe:
     """The fixed evaluation inputs shared by every sparsity."""
 
-    ppl_windows: Int[Tensor, "w seqlen"] | None
-    probe_windows: Int[Tensor, "p seqlen"]
-    calib: Int[Tensor, "n seqlen"]
+    # three window sets of three lengths: each its own length name, since a checker binds a name to one size
+    ppl_windows: Int[Tensor, "w ppl_seqlen"] | None
+    probe_windows: Int[Tensor, "p probe_seqlen"]
+    calib: Int[Tensor, "n calib_seqlen"]
     dense_samples: dict[int, Tensor] | None = None  # E_out rows of the dense model, traced once
 
 
@@ -189,7 +190,7 @@ def _probe(lm: LoadedModel, settings: SweepSettings) -> _Probe:
     return _Probe(ppl_windows, probe, calib)
 
 
-def probe_windows(lm: LoadedModel, corpus: str, seqlen: int, tokens: int) -> Int[Tensor, "p seqlen"]:
+def probe_windows(lm: LoadedModel, corpus: str, seqlen: int, tokens: int) -> Int[Tensor, "w seqlen"]:
     """The test-split windows residual entropy and output shift are measured on (`probe_tokens` tokens)."""
     return eval_windows(corpus_tokens(lm.tokenizer, corpus, "test"), seqlen, tokens)
 

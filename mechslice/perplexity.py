@@ -48,7 +48,9 @@ def _lm_head(model: PreTrainedModel) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def window_nll(model: PreTrainedModel, windows: Int[Tensor, "b seqlen"]) -> Float[Tensor, "b seqlen_minus_1"]:
+def window_nll(
+    model: PreTrainedModel, windows: Int[Tensor, "batch seqlen"]
+) -> Float[Tensor, "batch seqlen-1"]:
     """Per-token NLL (float32) of each next token in a batch of windows."""
     device = next(model.parameters()).device
     windows = windows.to(device)
@@ -67,7 +69,7 @@ def window_nll(model: PreTrainedModel, windows: Int[Tensor, "b seqlen"]) -> Floa
 
 def token_nll(
     model: PreTrainedModel, windows: Int[Tensor, "w seqlen"], batch_size: int = 4, progress: bool = False
-) -> Float[Tensor, "w seqlen_minus_1"]:
+) -> Float[Tensor, "w seqlen-1"]:
     """Per-token NLL for every window, batched, on the model's device; returned on the CPU."""
     chunks = []
     with sdpa_attention(model):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -95,3 +98,50 @@ def sweep_settings(corpus: str, **overrides: object) -> SweepSettings:
         probe_seqlen=64,
     )
     return settings_from(QUICK, **{**base, **overrides})
+
+
+def law_results(
+    nominal: tuple[float, ...],
+    d: int,
+    ppl0: float,
+    ppl_slope: float,
+    acc0: dict[str, float],
+    slopes: dict[str, float],
+    noise: float = 0.0,
+    seed: int = 0,
+    stderr: float = 0.01,
+) -> dict[str, Any]:
+    """A results document whose metrics follow the paper's laws (y = a*s + 1 for PPL, a*s for ln acc) plus noise.
+
+    d' is rounded down to a multiple of 8, so effective and nominal sparsity differ as in a real sweep; acc_norm
+    follows slopes half as steep so that choosing the key is visible in a fit. Each sliced record draws its own
+    normal noise (sd `noise`) for y of PPL and for ln acc and ln acc_norm of every task; the dense record is exact.
+    """
+    rng = np.random.default_rng(seed)
+    records = []
+    for s_nom in nominal:
+        d_prime = int((1 - s_nom) * d) // 8 * 8
+        s = 1 - d_prime / d
+        dense = s == 0
+        eps = rng.normal(0.0, noise, size=1 + 2 * len(acc0))
+        y_ppl = 1.0 + ppl_slope * s + (0 if dense else eps[0])
+        tasks = {}
+        for i, (task, a0) in enumerate(acc0.items()):
+            jitter = (0.0, 0.0) if dense else (eps[1 + 2 * i], eps[2 + 2 * i])
+            tasks[task] = {
+                "acc": a0 * math.exp(slopes[task] * s + jitter[0]),
+                "acc_norm": a0 * math.exp(0.5 * slopes[task] * s + jitter[1]),
+                "stderr": stderr,
+                "n": 500,
+            }
+        records.append(
+            {
+                "sparsity": s_nom,
+                "effective_sparsity": s,
+                "d": d,
+                "d_prime": d_prime,
+                "ppl": math.exp(math.log(ppl0) / y_ppl),
+                "tasks": tasks,
+            }
+        )
+    return {"model": "tiny", "model_fingerprint": "f00d", "settings": {}, "records": records}

@@ -145,7 +145,7 @@ ROWS: list = [
     (["fit", "{bad_json}"], "is not valid JSON"),
     (["fit", "{sweep}", "--acc-key", "bogus"], "invalid choice: 'bogus'"),
     (["predict", "--sparsity", "abc", "--from", "{sweep}"], "invalid float value: 'abc'"),
-    (["predict", "--sparsity", "1.5", "--from", "{sweep}"], "outside [0, 1)"),
+    (["predict", "--sparsity", "1.5", "--from", "{sweep}"], "sparsity must lie in [0, 1)"),
     (["predict", "--sparsity", "0.3", "--from", "/no/such"], "does not exist"),
     (["predict", "--sparsity", "0.3", "--from", "{file}"], "is a file"),
     (["predict", "--from", "{sweep}"], "--sparsity"),

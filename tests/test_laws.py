@@ -25,6 +25,7 @@ from analyses.paper import PAPER_TABLE3
 from analyses.results import check_same_model, load_results
 from mechslice.cli import main
 from mechslice.errors import MechsliceError
+from tests.conftest import law_results
 
 D = 576
 PPL0 = 12.0
@@ -35,39 +36,8 @@ SLOPES = {"ppl": -1.1, "arc_easy": -1.5, "piqa": -0.8, "hellaswag": -1.0}
 def make_results(
     nominal: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5), noise: float = 0.0, seed: int = 0
 ) -> dict[str, Any]:
-    """A sweep whose metrics follow the laws exactly (y = a*s + 1 for PPL, a*s for acc), plus optional noise.
-
-    d' is rounded down to a multiple of 8, so effective and nominal sparsity differ, as in a real sweep;
-    acc_norm follows slopes half as steep so that choosing the key is visible in the fit.
-    """
-    rng = np.random.default_rng(seed)
-    records = []
-    for s_nom in nominal:
-        d_prime = int((1 - s_nom) * D) // 8 * 8
-        s = 1 - d_prime / D
-        dense = s == 0
-        eps = rng.normal(0.0, noise, size=1 + 2 * len(ACC0))
-        y_ppl = 1.0 + SLOPES["ppl"] * s + (0 if dense else eps[0])
-        tasks = {}
-        for i, (task, acc0) in enumerate(ACC0.items()):
-            jitter = (0.0, 0.0) if dense else (eps[1 + 2 * i], eps[2 + 2 * i])
-            tasks[task] = {
-                "acc": acc0 * math.exp(SLOPES[task] * s + jitter[0]),
-                "acc_norm": acc0 * math.exp(0.5 * SLOPES[task] * s + jitter[1]),
-                "stderr": 0.01,
-                "n": 500,
-            }
-        records.append(
-            {
-                "sparsity": s_nom,
-                "effective_sparsity": s,
-                "d": D,
-                "d_prime": d_prime,
-                "ppl": math.exp(math.log(PPL0) / y_ppl),
-                "tasks": tasks,
-            }
-        )
-    return {"model": "tiny", "model_fingerprint": "f00d", "settings": {}, "records": records}
+    """A sweep of the d = 576 model following the laws exactly, plus optional noise (`law_results`)."""
+    return law_results(nominal, D, PPL0, SLOPES["ppl"], ACC0, SLOPES, noise=noise, seed=seed)
 
 
 def write_results(folder: Path, results: dict[str, Any]) -> Path:
@@ -382,7 +352,7 @@ def test_predict_inverts_the_fitted_laws() -> None:
 @pytest.mark.parametrize("s", [1.0, -0.1, 1.5, float("nan")])
 def test_predict_refuses_sparsity_outside_unit_interval(s: float) -> None:
     table = fit_results(make_results())
-    with pytest.raises(MechsliceError, match=r"outside \[0, 1\)"):
+    with pytest.raises(MechsliceError, match=r"sparsity must lie in \[0, 1\)"):
         predict(table, s, table.ppl0, table.acc0s)
 
 
@@ -484,8 +454,8 @@ def test_cli_bad_inputs_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str
         (["predict", "--sparsity", "0.2", "--from", str(tmp_path / "missing")], "does not exist"),
         (["predict", "--sparsity", "0.2", "--from", str(corrupt)], "not valid JSON"),
         (["predict", "--sparsity", "0.2", "--from", str(single)], "fewer than two sparsities"),
-        (["predict", "--sparsity", "1.0", "--from", str(good)], "outside [0, 1)"),
-        (["predict", "--sparsity", "-0.2", "--from", str(good)], "outside [0, 1)"),
+        (["predict", "--sparsity", "1.0", "--from", str(good)], "sparsity must lie in [0, 1)"),
+        (["predict", "--sparsity", "-0.2", "--from", str(good)], "sparsity must lie in [0, 1)"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.import_graph import ROOT, find_cycle, import_graph, module_name, package_of, source_files
 
@@ -140,3 +141,16 @@ def test_the_core_imports_without_analyses() -> None:
 def test_the_probe_sees_analyses_when_it_is_imported() -> None:
     """The same probe on the CLI's fit command, which imports analyses: what the core test asserts can fail."""
     assert "analyses.laws" in analyses_loaded_by(["mechslice.commands.fit"])
+
+
+def test_annotations_are_checked_at_run_time() -> None:
+    """The suite runs with tests.typecheck: a tensor of the wrong rank or dtype fails at the call, not later."""
+    from jaxtyping import TypeCheckError
+
+    from hooks.stats import gram
+
+    assert gram(torch.ones(5, 3)).shape == (3, 3)
+    with pytest.raises(TypeCheckError):
+        gram(torch.ones(5))  # "tokens d" wants two dimensions
+    with pytest.raises(TypeCheckError):
+        gram(torch.ones(5, 3, dtype=torch.long))  # Float wants a floating dtype

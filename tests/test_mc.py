@@ -460,7 +460,7 @@ def test_user_data_save_to_disk_folder_dataset_dict_and_jsonl(tmp_path: Path) ->
     assert load_documents("arc_easy", split="validation", data=jsonl)[1] == "validation"
 
 
-def test_bad_input(tmp_path: Path) -> None:
+def test_bad_input(tmp_path: Path, tokenizer) -> None:
     with pytest.raises(MechsliceError, match=r"unknown task 'mmlu'.*arc_easy, arc_challenge, piqa"):
         load_task("mmlu")
     with pytest.raises(MechsliceError, match="does not exist"):
@@ -487,7 +487,7 @@ def test_bad_input(tmp_path: Path) -> None:
     with pytest.raises(MechsliceError, match=r"no \.arrow files"):
         load_task("piqa", data=tmp_path / "empty")
     with pytest.raises(MechsliceError, match="batch size must be at least 1"):
-        score_items(tiny_llama(layers=0), None, [], batch_size=0)
+        score_items(tiny_llama(layers=0), tokenizer, [], batch_size=0)
 
 
 def test_cli_refuses_bad_input_before_loading_a_model(capsys) -> None:

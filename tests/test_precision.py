@@ -91,7 +91,7 @@ def test_load_model_defaults_to_auto_and_records_it_when_slicing(tmp_path: Path)
     calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
     for dtype in (torch.bfloat16, torch.float32):
         model = LlamaForCausalLM(tiny_llama_config()).to(dtype).eval()
-        sliced = LoadedModel(model, None, adapter_for(model.config), "tiny", "random")  # type: ignore[arg-type]
+        sliced = LoadedModel(model, lm.tokenizer, adapter_for(model.config), "tiny", "random")
         record = slice_model(sliced, 0.25, calib, rotation="global", progress=False)
         assert record.dtype == dtype_name(dtype) and record.to_dict()["dtype"] == dtype_name(dtype)
 

@@ -25,6 +25,7 @@ from analyses.report.style import sorted_records
 from analyses.report.summary import quick_note, summary
 from mechslice.cli import main
 from mechslice.errors import MechsliceError
+from tests.conftest import law_results
 
 D = 64
 LAYERS = 4
@@ -42,37 +43,20 @@ def make_results(
     d: int = D,
     layers: int = LAYERS,
 ) -> dict[str, Any]:
-    """A sweep following the laws with a little noise; with `extras`, entropy, shift and spectra files too.
+    """A sweep following the laws (`law_results`) with a little noise; with `extras`, entropy, shift and spectra.
 
-    d' is rounded down to a multiple of 8, so effective and nominal sparsity differ as in a real sweep.
+    One noise draw per sliced record moves y of PPL and every task's ln acc together (acc_norm stays exact).
     """
+    results = law_results(nominal, d, PPL0, PPL_SLOPE, ACC0, SLOPES, stderr=0.02)
     rng = np.random.default_rng(seed)
-    records = []
-    for s_nom in nominal:
-        d_prime = int((1 - s_nom) * d) // 8 * 8
-        s = 1 - d_prime / d
+    records = results["records"]
+    for i, rec in enumerate(records):
+        s = rec["effective_sparsity"]
         noise = 0.0 if s == 0 else rng.normal(0.0, 0.01)
-        tasks = {
-            task: {
-                "acc": acc0 * math.exp(SLOPES[task] * s + noise),
-                "acc_norm": acc0 * math.exp(0.5 * SLOPES[task] * s),
-                "stderr": 0.02,
-                "acc_norm_stderr": 0.02,
-                "n": 500,
-                "split": "validation",
-            }
-            for task, acc0 in ACC0.items()
-        }
-        rec: dict[str, Any] = {
-            "sparsity": s_nom,
-            "effective_sparsity": s,
-            "d": d,
-            "d_prime": d_prime,
-            "ppl": math.exp(math.log(PPL0) / (1.0 + PPL_SLOPE * s + noise)),
-            "ppl_tokens": 4096,
-            "tasks": tasks,
-            "seconds": {"slice": 1.5, "ppl": 2.0, "total": 731.0},
-        }
+        rec["ppl"] = math.exp(math.log(PPL0) / (1.0 + PPL_SLOPE * s + noise))
+        for metrics in rec["tasks"].values():
+            metrics.update(acc=metrics["acc"] * math.exp(noise), acc_norm_stderr=0.02, split="validation")
+        rec.update(ppl_tokens=4096, seconds={"slice": 1.5, "ppl": 2.0, "total": 731.0})
         if extras:
             h_dense = 10.0 + np.arange(layers, dtype=float)
             ratios = (1 - s) * (1 + 0.02 * rng.standard_normal(layers))
@@ -83,7 +67,7 @@ def make_results(
                     "same_sign": est == "gaussian",
                     "ratio_per_layer": list(ratios),
                     "ratio_mean": float(ratios.mean()),
-                    "kappa_mean": float((h_dense * ratios).mean() / d_prime),
+                    "kappa_mean": float((h_dense * ratios).mean() / rec["d_prime"]),
                 }
                 for est, scale in (("gaussian", 1.0), ("knn", 0.9))
             }
@@ -95,7 +79,7 @@ def make_results(
                 "entropy_sliced": 3.0 + s,
             }
             # Both layouts: the overall metrics flattened into the record, or nested as ShiftResult.to_dict().
-            nested = len(records) % 2 == 1
+            nested = i % 2 == 1
             rec["shift"] = {
                 **({"overall": overall} if nested else overall),
                 "buckets": [
@@ -103,8 +87,7 @@ def make_results(
                     {"lo": 16, "hi": None, "stats": {"kl": 1.5 * s, "tokens": 900}},
                 ],
             }
-            rec["spectra_file"] = f"spectra/s{s_nom:.3f}.json"
-        records.append(rec)
+            rec["spectra_file"] = f"spectra/s{rec['sparsity']:.3f}.json"
     settings = {
         "quick": quick,
         "sparsities": list(nominal),
@@ -117,12 +100,7 @@ def make_results(
         "ppl_max_tokens": 4096,
         "mc_limit": 100 if quick else None,
     }
-    return {
-        "model": "smollm2-<135m>",
-        "model_fingerprint": "abc123",
-        "settings": settings,
-        "records": records,
-    }
+    return {**results, "model": "smollm2-<135m>", "model_fingerprint": "abc123", "settings": settings}
 
 
 def write_sweep(folder: Path, results: dict[str, Any], layers: int = LAYERS) -> Path:

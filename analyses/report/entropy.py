@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import plotly.graph_objects as go
+from numpy.typing import ArrayLike
 
 from analyses.entropy import BIASED_IN_D, RANK, SIGNAL
 from analyses.laws import record_signal
@@ -103,7 +104,7 @@ def entropy_ratio_figure(records: Sequence[dict[str, Any]], estimators: Sequence
     return fig
 
 
-def data_range(values: Sequence[float], margin: float = 0.05) -> tuple[float, float]:
+def data_range(values: ArrayLike, margin: float = 0.05) -> tuple[float, float]:
     """The span of `values` widened by `margin` of it on each side (0.02 at least), for an axis that fits
     its data; (0, 1) when there are none."""
     if not values:

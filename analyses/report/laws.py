@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
+from numpy.typing import ArrayLike
 from plotly.colors import qualitative
 
 from analyses.chance import AT_CHANCE
@@ -115,7 +116,7 @@ def task_offsets(n: int, fits: Sequence[LineFit]) -> list[float]:
 def task_traces(
     label: str,
     color: str,
-    points: tuple[Sequence[float], Sequence[float], Sequence[float | None]],
+    points: tuple[ArrayLike, ArrayLike, Sequence[float | None] | np.ndarray],
     fit: LineFit,
     shift: float,
     y_name: str,

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 from jaxtyping import Float
+from numpy.typing import ArrayLike
 
 # Columns of a spectra heat map: enough for the eye, and a bound that keeps the page's size independent of d.
 HEATMAP_COLUMNS = 160
@@ -18,7 +19,7 @@ SHARE_FLOOR = 1e-12  # shares below this (zero eigenvalues) are drawn at it: log
 
 
 def layer_curves(
-    curves: Mapping[str, Sequence[float]],
+    curves: Mapping[str, ArrayLike],
     layers: Sequence[int] | None = None,
     colors: Mapping[str, str] | None = None,
     levels: Mapping[str, tuple[str, float]] | None = None,
@@ -89,7 +90,7 @@ def bin_labels(edges: Sequence[int]) -> list[str]:
 
 
 def binned_log_shares(
-    shares: Sequence[Sequence[float]], edges: Sequence[int]
+    shares: Sequence[ArrayLike], edges: Sequence[int]
 ) -> Float[np.ndarray, "spectra columns"]:
     """log10 of each bin's mean share per spectrum, in float32 (a picture, not a data set: 4 bytes a cell in
     the page); NaN where a spectrum is shorter than the bin."""
@@ -101,7 +102,7 @@ def binned_log_shares(
 
 
 def spectra_heatmap(
-    names: Sequence[str], shares: Sequence[Sequence[float]], edges: Sequence[int], zrange: tuple[float, float]
+    names: Sequence[str], shares: Sequence[ArrayLike], edges: Sequence[int], zrange: tuple[float, float]
 ) -> go.Heatmap:
     """One row per spectrum (`names`, top to bottom), one column per index bin, coloured by log10 share on a
     common `zrange` so that several heat maps compare."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
+from numpy.typing import ArrayLike
 
 from analyses.report.layers import bin_labels, binned_log_shares, index_bins, spectra_heatmap
 from analyses.report.markup import FigureRenderer, note_html
@@ -19,19 +20,19 @@ from analyses.report.style import s_label, sorted_records, sparsity_color
 from mechslice.errors import MechsliceError
 
 
-def descending(eigenvalues: Sequence[float]) -> np.ndarray:
+def descending(eigenvalues: ArrayLike) -> np.ndarray:
     """Eigenvalues sorted descending, in float64, with negatives (round-off of a PSD matrix) set to 0."""
     return np.sort(np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None))[::-1]
 
 
-def kept_fraction(eigenvalues: Sequence[float], d_prime: int) -> float:
+def kept_fraction(eigenvalues: ArrayLike, d_prime: int) -> float:
     """Share of the second-moment mass in the top d' eigenvalues (negatives from round-off count as 0)."""
     lam = descending(eigenvalues)
     total = lam.sum()
     return float(lam[:d_prime].sum() / total) if total > 0 else math.nan
 
 
-def _shares(eigenvalues: Sequence[float]) -> np.ndarray:
+def _shares(eigenvalues: ArrayLike) -> np.ndarray:
     """Eigenvalues as descending shares λ_i / Σλ (all zero when the spectrum is)."""
     lam = descending(eigenvalues)
     return lam / lam.sum() if lam.sum() > 0 else lam

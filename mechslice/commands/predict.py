@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from analyses.laws import check_sparsity, fit_results, predict
+from analyses.laws import fit_results, predict
 from analyses.predictors import (
     DEFAULT_ESTIMATOR,
     ESTIMATORS,
@@ -26,6 +26,7 @@ from analyses.predictors import (
     measure_stream_spectra,
 )
 from analyses.results import ACC_KEYS, PPL, RESULTS_FILE, load_results, results_dtype
+from mechslice.checks import check_sparsity
 from mechslice.commands._common import add_json_arg, emit
 from mechslice.errors import MechsliceError
 from mechslice.loading import default_device, load_model

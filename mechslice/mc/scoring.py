@@ -91,7 +91,9 @@ def start_token(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
-def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[Int[Tensor, "b pos"], Int[Tensor, "b pos"]]:
+def _right_pad(
+    rows: list[list[int]], pad_id: int
+) -> tuple[Int[Tensor, "batch seqlen"], Int[Tensor, "batch seqlen"]]:
     """Rows padded on the right to one width, with the attention mask of their real tokens."""
     width = max(1, *(len(row) for row in rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -217,7 +219,7 @@ def score_items(
     items: list[MCItem],
     batch_size: int = 16,
     progress: bool = False,
-) -> list[Float[Tensor, "choices"]]:
+) -> list[Float[Tensor, " _choices"]]:
     """The summed log-likelihood of every choice of every item (all requests of all items batched together)."""
     return item_scores(model, tokenizer, items, batch_size, progress)[0]
 
@@ -228,7 +230,7 @@ def item_scores(
     items: list[MCItem],
     batch_size: int = 16,
     progress: bool = False,
-) -> tuple[list[Float[Tensor, "choices"]], list[Bool[Tensor, "choices"]]]:
+) -> tuple[list[Float[Tensor, " _choices"]], list[Bool[Tensor, " _choices"]]]:
     """Per item, every choice's summed log-likelihood and whether greedy decoding produces that choice."""
     requests: list[Encoded] = []
     weights: list[float] = []
@@ -256,26 +258,26 @@ def accuracy(correct: list[bool]) -> tuple[float, float]:
     return rate(sum(correct), len(correct))
 
 
-def mc_hits(items: list[MCItem], scores: list[Float[Tensor, "choices"]]) -> tuple[int, int]:
+def mc_hits(items: list[MCItem], scores: list[Float[Tensor, " _choices"]]) -> tuple[int, int]:
     """How many items the summed scores (acc) and the length-normalised scores (acc_norm) get right."""
     hits = hits_norm = 0
     for item, ll in zip(items, scores, strict=True):
         lengths = torch.tensor(item.norm_lengths(), dtype=torch.float64).clamp(min=1)
-        hits += int(ll.argmax()) == item.gold
-        hits_norm += int((ll / lengths).argmax()) == item.gold
+        hits += int(ll.argmax()) == int(item.gold)
+        hits_norm += int((ll / lengths).argmax()) == int(item.gold)
     return hits, hits_norm
 
 
 def greedy_hits(
-    items: list[MCItem], scores: list[Float[Tensor, "choices"]], greedy: list[Bool[Tensor, "choices"]]
+    items: list[MCItem], scores: list[Float[Tensor, " _choices"]], greedy: list[Bool[Tensor, " _choices"]]
 ) -> tuple[int, float]:
     """How many items' gold target greedy decoding produces, and the summed log-likelihood of the gold targets."""
     hits = sum(bool(g[item.gold]) for item, g in zip(items, greedy, strict=True))
-    return hits, float(sum(float(ll[item.gold]) for item, ll in zip(items, scores, strict=True)))
+    return int(hits), float(sum(float(ll[item.gold]) for item, ll in zip(items, scores, strict=True)))
 
 
 def mc_accuracy(
-    items: list[MCItem], scores: list[Float[Tensor, "choices"]]
+    items: list[MCItem], scores: list[Float[Tensor, " _choices"]]
 ) -> tuple[float, float, float, float]:
     """(acc, acc_stderr, acc_norm, acc_norm_stderr) from the choice scores of each item."""
     hits, hits_norm = mc_hits(items, scores)

@@ -18,12 +18,14 @@ from mechslice.adapters import ArchAdapter
 SHORTCUTS = ("attn_shortcut", "mlp_shortcut")
 
 
-def attn_branch(layer: nn.Module, norm_name: str, x: Float[Tensor, "b pos d"], **kwargs: Any) -> Tensor:
+def attn_branch(
+    layer: nn.Module, norm_name: str, x: Float[Tensor, "batch seqlen d"], **kwargs: Any
+) -> Tensor:
     """The attention branch of a pre-norm block: self_attn(norm(x)) with the layer's own call arguments."""
     return layer.self_attn(hidden_states=getattr(layer, norm_name)(x), **kwargs)[0]
 
 
-def mlp_branch(layer: nn.Module, norm_name: str, x: Float[Tensor, "b pos d"]) -> Tensor:
+def mlp_branch(layer: nn.Module, norm_name: str, x: Float[Tensor, "batch seqlen d"]) -> Tensor:
     """The MLP branch of a pre-norm block: mlp(norm(x))."""
     return layer.mlp(getattr(layer, norm_name)(x))
 
@@ -42,14 +44,14 @@ class ShortcutBlock(nn.Module):
 
     def forward(
         self,
-        hidden_states: Float[Tensor, "b pos d_in"],
+        hidden_states: Float[Tensor, "batch seqlen d_in"],
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         cache: Any = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[Tensor, Tensor] | None = None,
         **kwargs: Any,
-    ) -> Float[Tensor, "b pos d_out"]:
+    ) -> Float[Tensor, "batch seqlen d_out"]:
         """resid_pre -> resid_mid -> resid_post, each skip through its shortcut matrix when one is set."""
         attn_out = attn_branch(
             self,

@@ -22,7 +22,7 @@ from mechslice.slicing.calibration import require_finite
 CallArgs = list[dict[str, Any]]  # keyword arguments the decoder passes to each layer, by layer index
 
 
-def batches(calib: Int[Tensor, "n seqlen"], batch_size: int) -> Iterator[Int[Tensor, "b seqlen"]]:
+def batches(calib: Int[Tensor, "n seqlen"], batch_size: int) -> Iterator[Int[Tensor, "batch seqlen"]]:
     """Consecutive batches of calibration windows."""
     yield from calib.split(batch_size)
 
@@ -42,7 +42,7 @@ class _Catcher(nn.Module):
 @torch.no_grad()
 def layer_inputs(
     lm: LoadedModel, calib: Int[Tensor, "n seqlen"], batch_size: int
-) -> tuple[list[Float[Tensor, "b seqlen d"]], list[CallArgs]]:
+) -> tuple[list[Float[Tensor, "batch seqlen d"]], list[CallArgs]]:
     """The first layer's input (the embedding output) per batch, and every layer's call arguments per batch."""
     layers = lm.adapter.layers(lm.model)
     originals = list(layers)
