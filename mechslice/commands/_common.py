@@ -55,10 +55,7 @@ def add_json_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_calibration_args(parser: argparse.ArgumentParser, samples: int = 128, seqlen: int = 2048) -> None:
-    """`--calib-corpus`, `--calib-sampler`, `--calib-samples`, `--calib-seqlen`: SliceGPT's calibration by default.
-
-    The probing commands (entropy, shift) pass 32 x 512: they compare many sparsities and need minutes, not hours.
-    """
+    """`--calib-corpus`, `--calib-sampler`, `--calib-samples`, `--calib-seqlen`: SliceGPT's calibration by default."""
     parser.add_argument(
         "--calib-corpus", default="wiki", help="wiki, wikitext2:PATH or text:PATH (train split)"
     )
@@ -79,6 +76,14 @@ def add_calibration_args(parser: argparse.ArgumentParser, samples: int = 128, se
 def add_rotation_arg(parser: argparse.ArgumentParser) -> None:
     """`--rotation`: SliceGPT's per-layer rotations (default) or one shared rotation."""
     parser.add_argument("--rotation", choices=ROTATIONS, default="per-layer", help="default per-layer")
+
+
+def add_probe_args(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that compare dense and sliced models on test tokens (`entropy`, `shift`):
+    4096 test tokens, the rotation, and a 32 x 512 calibration (many sparsities in minutes, not hours)."""
+    add_token_args(parser, default_max_tokens=4096)
+    add_rotation_arg(parser)
+    add_calibration_args(parser, samples=32, seqlen=512)
 
 
 def calibration_from_args(args: argparse.Namespace, lm: LoadedModel) -> torch.Tensor:

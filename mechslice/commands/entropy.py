@@ -10,10 +10,8 @@ from analyses.entropy import RANK, RATIO_ESTIMATORS, SIGNAL, STREAMS
 from analyses.layer_entropy import check_estimators, check_gaussian_rows, entropy_sweep
 from mechslice.checks import check_output_file
 from mechslice.commands._common import (
-    add_calibration_args,
     add_model_args,
-    add_rotation_arg,
-    add_token_args,
+    add_probe_args,
     calibration_from_args,
     emit,
     model_fields,
@@ -28,9 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the `entropy` subcommand."""
     parser = sub.add_parser("entropy", help="per-layer residual-stream entropy of dense vs sliced models")
     add_model_args(parser)
-    add_token_args(parser, default_max_tokens=4096)
-    add_rotation_arg(parser)
-    add_calibration_args(parser, samples=32, seqlen=512)
+    add_probe_args(parser)
     parser.add_argument(
         "--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3], help="default 0.1 0.2 0.3"
     )

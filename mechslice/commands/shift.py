@@ -8,10 +8,8 @@ from typing import Any
 from analyses.shift import shift_over_windows
 from mechslice.checks import check_at_least
 from mechslice.commands._common import (
-    add_calibration_args,
     add_model_args,
-    add_rotation_arg,
-    add_token_args,
+    add_probe_args,
     calibration_from_args,
     emit,
     model_fields,
@@ -26,9 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the `shift` subcommand."""
     parser = sub.add_parser("shift", help="KL, JS, entropy, top-1 agreement, ln PPL: dense vs sliced")
     add_model_args(parser)
-    add_token_args(parser, default_max_tokens=4096)
-    add_rotation_arg(parser)
-    add_calibration_args(parser, samples=32, seqlen=512)
+    add_probe_args(parser)
     parser.add_argument("--sparsity", type=float, required=True, help="fraction s of d to remove, in [0, 1)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     parser.set_defaults(func=run)
