@@ -127,7 +127,7 @@ def add_token_args(parser: argparse.ArgumentParser, default_max_tokens: int) -> 
 def token_windows(
     tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace, context: int
 ) -> Int[Tensor, "w seqlen"]:
-    """The tokens to trace: the --text as one sequence, or the first --max-tokens corpus tokens in windows;
+    """The tokens to trace or probe: the --text as one sequence, or the first --max-tokens corpus tokens in windows;
     neither longer than the model's `context` (positions beyond it were never trained)."""
     if args.text is not None:
         ids = tokenizer(args.text, add_special_tokens=False, return_tensors="pt")["input_ids"]
