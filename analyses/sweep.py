@@ -51,6 +51,17 @@ from mechslice.mc import TASKS, MCResult, evaluate_mc
 from mechslice.mc.tasks import check_limit
 from mechslice.perplexity import evaluate_perplexity
 from mechslice.precision import AUTO, DTYPES, dtype_name, resolve_dtype
+from mechslice.pruning import (
+    METHODS,
+    PARAM_COUNTS,
+    PruneOptions,
+    PruningRecord,
+    count_parameters,
+    kept_units,
+    nearest_sparsity,
+    param_sparsity,
+    prune,
+)
 from mechslice.slicing import Slicer, slice_model, sliced_width
 
 # What a results file that predates a setting was computed with, where that differs from today's default.
@@ -94,10 +105,22 @@ class SweepSettings:
     # compute dtype of every model in the sweep: auto or a name in mechslice.precision.DTYPES; run_sweep
     # resolves auto on its device, so results.json always records the concrete dtype the numbers were made in
     dtype: str = AUTO
+    # the pruning axis (a name in mechslice.pruning.METHODS): `sparsities` are fractions of its own axis (d, m,
+    # KV groups or blocks); mlp, heads and layers score their units on the dense model, so `path` is slice's
+    method: str = "slice"
+    # the parameter sparsities the sparsities were matched to (`analyses.methods`), recorded; None: given directly
+    param_sparsities: tuple[float, ...] | None = None
+    param_sparsity_of: str = "non_embedding"  # which parameters a parameter sparsity counts
+    keep_first: bool = False  # layers: never remove the first block
+    keep_last: bool = False  # layers: never remove the last block
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists) for results.json."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def prune_options(self) -> PruneOptions:
+        """The options `mechslice.pruning.prune` takes from these settings."""
+        return PruneOptions(self.round_to, self.keep_first, self.keep_last, self.rotation, self.slice_head)
 
 
 # The profile `make demo` runs: small calibration, few tokens and items, the shared-rotation path (one
@@ -145,6 +168,15 @@ def check_settings(settings: SweepSettings) -> None:
         )
     if settings.dtype not in (AUTO, *DTYPES):
         raise MechsliceError(f"unknown dtype '{settings.dtype}'; use one of {', '.join([AUTO, *DTYPES])}")
+    if settings.method not in METHODS:
+        raise MechsliceError(f"unknown pruning method '{settings.method}'; use one of {', '.join(METHODS)}")
+    if settings.param_sparsity_of not in PARAM_COUNTS:
+        raise MechsliceError(
+            f"a parameter sparsity counts {' or '.join(PARAM_COUNTS)} parameters, not '{settings.param_sparsity_of}'"
+        )
+    if (settings.keep_first or settings.keep_last) and settings.method != "layers":
+        raise MechsliceError(f"--keep-first/--keep-last apply to the layers method, not {settings.method}")
+    settings.prune_options().check()
     if settings.mc_backend not in MC_BACKENDS:
         raise MechsliceError(f"unknown MC backend '{settings.mc_backend}'; use {' or '.join(MC_BACKENDS)}")
     if settings.mc_backend == "lm-eval" and any(t != PPL for t in settings.tasks):
@@ -196,9 +228,15 @@ def probe_windows(lm: LoadedModel, corpus: str, seqlen: int, tokens: int) -> Int
 
 
 def _evaluate(
-    lm: LoadedModel, dense: LoadedModel, probe: _Probe, settings: SweepSettings, progress: bool
+    lm: LoadedModel,
+    dense: LoadedModel,
+    probe: _Probe,
+    settings: SweepSettings,
+    progress: bool,
+    blocks: list[int] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Perplexity, task accuracies, residual entropy and output shift of one (sliced or dense) model."""
+    """Perplexity, task accuracies, residual entropy and output shift of one (pruned or dense) model;
+    `blocks` are the dense indices of `lm`'s blocks where some were removed."""
     out: dict[str, Any] = {"tasks": {}}
     seconds: dict[str, float] = {}
     if probe.ppl_windows is not None:
@@ -218,7 +256,7 @@ def _evaluate(
         }
         seconds[task] = mc.seconds
     start = time.perf_counter()
-    out["entropy"] = residual_entropy(dense, lm, probe, settings)
+    out["entropy"] = residual_entropy(dense, lm, probe, settings, blocks)
     seconds["entropy"] = time.perf_counter() - start
     start = time.perf_counter()
     out["shift"] = shift_over_windows(dense.model, lm.model, probe.probe_windows).to_dict()
@@ -236,9 +274,16 @@ def _score_mc(lm: LoadedModel, task: str, settings: SweepSettings, progress: boo
 
 
 def residual_entropy(
-    dense: LoadedModel, sliced: LoadedModel, probe: _Probe, settings: SweepSettings
+    dense: LoadedModel,
+    sliced: LoadedModel,
+    probe: _Probe,
+    settings: SweepSettings,
+    blocks: list[int] | None = None,
 ) -> dict[str, Any]:
     """Per-layer entropy of the block outputs E_out, sliced against dense, per estimator (record layout).
+
+    With `blocks` (the dense index of each block of a model that lost some), block i's output is compared
+    with the dense output of block `blocks[i]`, and the record names them under `layers`.
 
     `ratio_mean` is `analyses.entropy.SIGNAL` (the mean over the layers where the ratio reads as a fraction
     kept), `ratio_layers` the layers it averages and `excluded_layers` the others with why; the effective
@@ -247,14 +292,20 @@ def residual_entropy(
     rows = probe.probe_windows.numel()
     if probe.dense_samples is None:
         probe.dense_samples = residual_samples(dense, probe.probe_windows, rows)
+    pruned = residual_samples(sliced, probe.probe_windows, rows)
+    reference = probe.dense_samples
+    if blocks is not None:
+        pruned = {blocks[i]: rows_i for i, rows_i in pruned.items()}
+        reference = {i: reference[i] for i in blocks}
     summary = layer_entropy_summary(
-        probe.dense_samples,
-        residual_samples(sliced, probe.probe_windows, rows),
+        reference,
+        pruned,
         settings.estimators,
         stream=settings.entropy_stream,
         include_knn=settings.include_knn,
     )
-    return entropy_record(summary, settings.estimators)
+    record = entropy_record(summary, settings.estimators)
+    return record if blocks is None else {**record, "layers": blocks}
 
 
 def entropy_record(summary: EntropySummary, estimators: Sequence[str]) -> dict[str, Any]:
@@ -301,11 +352,14 @@ def run_sweep(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    dense_result: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the sweep into `out_dir/results.json` and return the results document.
 
-    Under torchrun every rank runs the sweep on the same inputs: calibration, perplexity windows and MC items
-    are sharded and reduced inside `slice_model` / `Slicer` / the evaluators; only rank 0 writes files.
+    `dense_result` is a dense record measured by another sweep with the same evaluation settings (the first
+    method of `analyses.methods`): it is copied instead of evaluated again. Under torchrun every rank runs the
+    sweep on the same inputs: calibration, perplexity windows and MC items are sharded and reduced inside
+    `slice_model` / `Slicer` / the evaluators; only rank 0 writes files.
     """
     check_settings(settings)
     check_output_dir(out_dir, "--out")
@@ -316,16 +370,7 @@ def run_sweep(
         return load_model(model, device=device, dtype=dtype)
 
     dense = load()
-    for s in settings.sparsities:
-        sliced_width(dense.dims.d, s, settings.round_to)  # refuse an s leaving d' < 1 before any work
-    check_gaussian_rows(settings.estimators, probe_token_count(settings), dense.dims.d, "--probe-tokens")
-    context = dense.model.config.max_position_embeddings
-    for seqlen, flag in (
-        (settings.calib_seqlen, "--calib-seqlen"),
-        (settings.ppl_seqlen, "--seqlen"),
-        (settings.probe_seqlen, "the probe window (probe_seqlen)"),
-    ):
-        check_seqlen(seqlen, context, flag)
+    check_against_model(dense, settings)
     fingerprint = model_fingerprint(dense)
     results = _start(out_dir, settings, dense.name, fingerprint, resume)
     done = {rec["sparsity"] for rec in results["records"]}
@@ -333,11 +378,30 @@ def run_sweep(
     if done:
         log(f"resuming: {len(done)} sparsities already in {out_dir / RESULTS_FILE}, {len(todo)} to go")
     probe = _probe(dense, settings)
+    targets = matched_targets(dense, settings)
+    dense_params = count_parameters(dense)
     slicer = None
-    for s in tqdm(todo, desc="sweep", unit="sparsity", disable=not progress):
+    for s in tqdm(todo, desc=f"sweep ({settings.method})", unit="sparsity", disable=not progress):
         start = time.perf_counter()
+        if s == 0.0 and dense_result is not None:
+            record = {**dense_result, "seconds": {**dense_result.get("seconds", {}), "copied": True}}
+            _append(out_dir, results, record, log)
+            continue
+        blocks = None  # the original indices of the blocks a `layers` pruning kept
         if s == 0.0:
             lm, record = dense, {"effective_sparsity": 0.0, "d": dense.dims.d, "d_prime": dense.dims.d}
+        elif settings.method != "slice":
+            lm = load()
+            pruned = prune(lm, settings.method, s, probe.calib, settings.prune_options(), progress=progress)
+            record = {
+                "effective_sparsity": pruned.effective_sparsity,
+                "d": pruned.d,
+                "d_prime": pruned.representation_dim,
+                "axis": pruned.axis,
+                "pruning_file": _write_pruning(out_dir, s, pruned),
+            }
+            if settings.method == "layers":
+                blocks = [i for i in range(pruned.units) if i not in set(pruned.removed or [])]
         else:
             if settings.path == "shared":
                 if slicer is None:
@@ -361,18 +425,66 @@ def run_sweep(
                 "d_prime": rec.d_prime,
                 "spectra_file": _write_spectra(out_dir, s, rec.spectra),
             }
+        record["param_sparsity"] = param_sparsity(dense_params, count_parameters(lm))
+        if s in targets:
+            record["param_targets"] = targets[s]
         sliced_at = time.perf_counter()
-        measured, seconds = _evaluate(lm, dense, probe, settings, progress)
+        measured, seconds = _evaluate(lm, dense, probe, settings, progress, blocks)
         if s == 0.0 and probe.dense_samples is not None:  # what `predict --method dense` reads
             record[STREAM_SPECTRA] = stream_spectra(probe.dense_samples, settings.entropy_stream).to_dict()
         seconds["slice"] = sliced_at - start
         seconds["total"] = time.perf_counter() - start
-        results["records"].append({"sparsity": s, **record, **measured, "seconds": seconds})
-        results["records"].sort(key=lambda r: r["sparsity"])
-        distributed.on_main(lambda: write_results(out_dir, results))
-        log(_line(results["records"], s))
+        _append(out_dir, results, {**record, **measured, "seconds": seconds}, log, s)
         del lm
     return results
+
+
+def _append(
+    out_dir: Path, results: dict[str, Any], record: dict[str, Any], log: Callable[[str], None], s: float = 0.0
+) -> None:
+    """Add one finished sparsity's record and write results.json at once (atomically)."""
+    results["records"].append({"sparsity": s, **record})
+    results["records"].sort(key=lambda r: r["sparsity"])
+    distributed.on_main(lambda: write_results(out_dir, results))
+    log(_line(results["records"], s))
+
+
+def check_against_model(dense: LoadedModel, settings: SweepSettings) -> None:
+    """Refuse, before any work, settings this model cannot run: a sparsity that would leave nothing of the
+    method's axis, a window beyond its context, too few probe tokens for a Gaussian entropy of width d."""
+    for s in settings.sparsities:
+        if settings.method == "slice":
+            sliced_width(dense.dims.d, s, settings.round_to)
+        elif s > 0.0:
+            kept_units(dense, settings.method, s, settings.prune_options())
+    check_gaussian_rows(settings.estimators, probe_token_count(settings), dense.dims.d, "--probe-tokens")
+    context = dense.model.config.max_position_embeddings
+    for seqlen, flag in (
+        (settings.calib_seqlen, "--calib-seqlen"),
+        (settings.ppl_seqlen, "--seqlen"),
+        (settings.probe_seqlen, "the probe window (probe_seqlen)"),
+    ):
+        check_seqlen(seqlen, context, flag)
+
+
+def matched_targets(dense: LoadedModel, settings: SweepSettings) -> dict[float, list[float]]:
+    """Own-axis sparsity -> the parameter sparsities matched to it (`settings.param_sparsities`)."""
+    if settings.param_sparsities is None:
+        return {}
+    out: dict[float, list[float]] = {}
+    for target in settings.param_sparsities:
+        match = nearest_sparsity(
+            dense, settings.method, target, settings.param_sparsity_of, settings.prune_options()
+        )
+        out.setdefault(match.sparsity, []).append(target)
+    return out
+
+
+def _write_pruning(out_dir: Path, s: float, record: PruningRecord) -> str:
+    """What `prune` did at sparsity s (scores, ranking, removed units, parameters), in its own file."""
+    relative = f"pruning/s{s:.3f}.json"
+    distributed.on_main(lambda: atomic_write_json(out_dir / relative, record.to_dict()))
+    return relative
 
 
 def _write_spectra(out_dir: Path, s: float, spectra: dict[str, list[float]]) -> str:

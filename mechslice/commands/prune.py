@@ -19,7 +19,15 @@ from mechslice.commands._common import (
     show_progress,
 )
 from mechslice.errors import MechsliceError
-from mechslice.pruning import METHODS, PruneOptions, kept_units, nearest_sparsity, prune, save_pruned
+from mechslice.pruning import (
+    METHODS,
+    PARAM_COUNTS,
+    PruneOptions,
+    kept_units,
+    nearest_sparsity,
+    prune,
+    save_pruned,
+)
 from mechslice.slicing.slicer import ROTATIONS
 
 
@@ -42,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--param-sparsity-of",
-        choices=("non_embedding", "total"),
+        choices=PARAM_COUNTS,
         default="non_embedding",
         help="which parameters --param-sparsity counts (default non_embedding)",
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from analyses.methods import compare_methods, is_methods_folder, write_comparison
 from analyses.report import build_report
+from analyses.report.methods import build_methods_report
 from analyses.results import ACC_KEYS, load_results, results_dtype
 from mechslice.commands._common import add_json_arg, emit
 
@@ -16,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="rebuild a sweep's self-contained HTML report from its results.json",
         description=__doc__.splitlines()[0],
     )
-    parser.add_argument("dir", metavar="DIR", help="a sweep's output folder (holds results.json)")
+    parser.add_argument(
+        "dir", metavar="DIR", help="a sweep's output folder (holds results.json, or a folder per method)"
+    )
     parser.add_argument(
         "--out", default=None, metavar="PATH", help="where to write (default DIR/report.html)"
     )
@@ -28,8 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Write the report and print its path."""
-    path = build_report(args.dir, args.out, acc_key=args.acc_key)
-    payload = {"report": str(path), "dtype": results_dtype(load_results(args.dir))}
+    """Write the report (for a methods sweep: refit the comparison and write its page) and print its path."""
+    if is_methods_folder(args.dir):
+        comparison = compare_methods(args.dir, args.acc_key)
+        write_comparison(comparison, args.dir)
+        path = build_methods_report(comparison, args.dir, args.out)
+        payload = {"report": str(path), "dtype": comparison.dtype}
+    else:
+        path = build_report(args.dir, args.out, acc_key=args.acc_key)
+        payload = {"report": str(path), "dtype": results_dtype(load_results(args.dir))}
     emit(args, payload, lambda p: f"wrote {p['report']} (numbers computed in {p['dtype']})")
     return 0

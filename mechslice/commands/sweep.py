@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mechslice.commands._common import add_model_args, emit, show_progress
 from mechslice.corpora import SAMPLERS
 from mechslice.errors import MechsliceError
 from mechslice.lmeval import MC_BACKENDS
 from mechslice.mc.tasks import TASKS
+from mechslice.pruning import METHODS, PARAM_COUNTS
+
+if TYPE_CHECKING:
+    from analyses.sweep import SweepSettings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,6 +75,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="measure entropy on x / rms(x) (default: the unit the model fixes) or on the raw block output",
     )
     p.add_argument("--probe-tokens", type=int, default=None, help="tokens for entropy and output shift")
+    p.add_argument(
+        "--methods",
+        type=_names,
+        default=None,
+        help=f"prune along these axes ({','.join(METHODS)}), each into OUT/<method>/, and compare them",
+    )
+    p.add_argument(
+        "--param-sparsities",
+        type=_floats,
+        default=None,
+        help="with --methods: match each method to these fractions of parameters removed, e.g. 0.1,0.2,0.3",
+    )
+    p.add_argument(
+        "--param-sparsity-of",
+        choices=PARAM_COUNTS,
+        default=None,
+        help="which parameters --param-sparsities count (default non_embedding)",
+    )
+    p.add_argument(
+        "--keep-first", action="store_const", const=True, default=None, help="layers: keep block 0"
+    )
+    p.add_argument(
+        "--keep-last", action="store_const", const=True, default=None, help="layers: keep the last block"
+    )
     p.add_argument("--no-report", action="store_true", help="skip fits.json/fits.csv and report.html")
     p.set_defaults(func=run)
 
@@ -92,6 +121,17 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in vars(args)}
     if args.shared:
         overrides["path"] = "shared"
+    if args.methods is None:
+        for flag, value in (
+            ("--param-sparsities", args.param_sparsities),
+            ("--param-sparsity-of", args.param_sparsity_of),
+        ):
+            if value is not None:
+                raise MechsliceError(f"{flag} needs --methods (e.g. --methods slice,mlp,heads,layers)")
+    if args.methods is not None:  # each method's sweep takes the layers options where they apply
+        keep = {k: bool(overrides.pop(k)) for k in ("keep_first", "keep_last")}
+        base = settings_from(QUICK if args.quick else SweepSettings(), **overrides)
+        return _run_methods(args, replace(base, **keep))
     settings = settings_from(QUICK if args.quick else SweepSettings(), **overrides)
     results = run_sweep(
         settings, args.out, args.model, args.device, args.resume, progress=show_progress(args)
@@ -103,6 +143,34 @@ def run(args: argparse.Namespace) -> int:
     }
     if not args.no_report:
         payload.update(_fit_and_report(args.out))
+    emit(args, payload, _text)
+    return 0
+
+
+def _run_methods(args: argparse.Namespace, settings: SweepSettings) -> int:
+    """Sweep each method into OUT/<method>/, then fit and report each and write the comparison."""
+    from analyses.methods import compare_methods, run_methods, write_comparison
+    from analyses.report.methods import build_methods_report
+
+    results = run_methods(
+        settings, args.methods, args.out, args.model, args.device, args.resume, progress=show_progress(args)
+    )
+    payload: dict[str, Any] = {
+        "out": str(args.out),
+        "dtype": next(iter(results.values()))["settings"]["dtype"],
+        "records": sum(len(r["records"]) for r in results.values()),
+        "methods": {m: len(r["records"]) for m, r in results.items()},
+    }
+    if not args.no_report:
+        for method in results:
+            _fit_and_report(args.out / method)
+        comparison = compare_methods(args.out)
+        methods_json, methods_csv = write_comparison(comparison, args.out)
+        payload.update(
+            fits=str(methods_json),
+            fits_csv=str(methods_csv),
+            report=str(build_methods_report(comparison, args.out)),
+        )
     emit(args, payload, _text)
     return 0
 
@@ -120,7 +188,11 @@ def _fit_and_report(out: Path) -> dict[str, Any]:
 
 
 def _text(p: dict[str, Any]) -> str:
-    lines = [f"{p['records']} sparsities in {p['out']}/results.json, computed in {p['dtype']}"]
+    if "methods" in p:
+        each = ", ".join(f"{m} {n}" for m, n in p["methods"].items())
+        lines = [f"records per method ({each}) in {p['out']}/<method>/results.json, computed in {p['dtype']}"]
+    else:
+        lines = [f"{p['records']} sparsities in {p['out']}/results.json, computed in {p['dtype']}"]
     if p.get("fits"):
         lines.append(f"fits: {p['fits']} and {p['fits_csv']}")
     elif "fits_error" in p:

@@ -26,6 +26,7 @@ from mechslice.loaded import LoadedModel
 from mechslice.precision import dtype_name
 from mechslice.pruning import heads, layers, mlp
 from mechslice.pruning.accounting import (
+    PARAM_COUNTS,
     Match,
     ParamCount,
     count_parameters,
@@ -43,6 +44,7 @@ _UNIT_METHODS: dict[str, ModuleType] = {"mlp": mlp, "heads": heads, "layers": la
 
 __all__ = [
     "METHODS",
+    "PARAM_COUNTS",
     "Match",
     "ParamCount",
     "PruneOptions",
@@ -50,6 +52,7 @@ __all__ = [
     "count_parameters",
     "kept_units",
     "nearest_sparsity",
+    "param_sparsity",
     "predicted_parameters",
     "prune",
     "save_pruned",

@@ -17,6 +17,9 @@ from mechslice.checks import check_sparsity
 from mechslice.errors import MechsliceError
 from mechslice.loaded import LoadedModel
 
+# What a parameter sparsity can count: the parameters outside the embeddings, or all of them.
+PARAM_COUNTS = ("non_embedding", "total")
+
 
 @dataclass(frozen=True)
 class ParamCount:
@@ -104,7 +107,7 @@ def nearest(
 ) -> Match:
     """Among kept counts `candidates` (of `n` units), the one whose predicted parameter sparsity is nearest."""
     check_sparsity(target, "parameter sparsity", "0.2")
-    if of not in ("non_embedding", "total"):
+    if of not in PARAM_COUNTS:
         raise MechsliceError(f"parameter sparsity counts 'non_embedding' or 'total' parameters, not '{of}'")
     if not candidates:
         raise MechsliceError("no admissible pruned size: every choice would remove everything")

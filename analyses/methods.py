@@ -1,0 +1,376 @@
+"""Does the representation dimension dominate? The paper's protocol along every structural pruning axis.
+
+`run_methods` sweeps each method (slice: d, mlp: m, heads: KV groups, layers: blocks) into `DIR/<method>/`, an
+ordinary sweep folder each (fit, report and predict read it as they read any sweep), at the own-axis sparsities
+matched to common parameter sparsities (`mechslice.pruning.nearest_sparsity`), with the dense model evaluated
+once and its record shared. `compare_methods` fits both laws per method twice, against parameter sparsity and
+against the method's own sparsity, and says which axis costs most at an equal parameter budget.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from analyses.laws import FitTable, fit_results
+from analyses.paper import PAPER_TABLE3
+from analyses.results import PPL, RESULTS_FILE, dense_record, load_results, results_dtype
+from analyses.sweep import SweepSettings, check_against_model, check_settings, matched_targets, run_sweep
+from mechslice.atomic import atomic_write_json, atomic_write_text
+from mechslice.checks import check_output_dir
+from mechslice.errors import MechsliceError
+from mechslice.loading import DEFAULT_MODEL, default_device, load_model
+from mechslice.precision import resolve_dtype
+from mechslice.pruning import METHODS
+
+METHODS_FILE = "methods.json"
+METHODS_CSV = "methods.csv"
+# The two x axes a law is fitted against: the fraction of parameters removed, and of the method's own axis.
+AXES = {"param": "parameter sparsity", "own": "own-axis sparsity"}
+# The linear form "holds" where a fit's RMSE is within the largest perplexity RMSE of the paper's Table 3: the
+# precision the paper itself reports the law at, not a threshold chosen on our data.
+PAPER_PPL_RMSE = max(fit.rmse for fit in PAPER_TABLE3[PPL].values())
+
+
+def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    """The method names, refused when empty, unknown or repeated."""
+    if not methods:
+        raise MechsliceError(f"no pruning method given; use e.g. --methods {','.join(METHODS)}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise MechsliceError(f"unknown pruning method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise MechsliceError(f"a method is named twice in {list(methods)}; name each once")
+    return tuple(methods)
+
+
+def method_settings(
+    settings: SweepSettings, methods: Sequence[str], model: str, device: str | None
+) -> dict[str, SweepSettings]:
+    """Each method's sweep settings; with parameter-sparsity targets, the own-axis sparsities matched to them.
+
+    Everything is checked here, before any model is calibrated: a target no method can reach, a sparsity that
+    removes every unit, `--keep-first/--keep-last` without `layers` among the methods.
+    """
+    methods = check_methods(methods)
+    if (settings.keep_first or settings.keep_last) and "layers" not in methods:
+        raise MechsliceError("--keep-first/--keep-last apply to the layers method, which is not in --methods")
+    targets = settings.param_sparsities
+    if targets is not None and (not targets or list(targets) != sorted(set(targets)) or targets[0] <= 0.0):
+        raise MechsliceError(
+            f"parameter sparsities must be increasing, above 0 and without repeats, got {list(targets)}; "
+            "e.g. --param-sparsities 0.1,0.2,0.3"
+        )
+    dtype, _ = resolve_dtype(settings.dtype, device or default_device())
+    dense = load_model(model, device=device, dtype=dtype)
+    out = {}
+    for method in methods:
+        own = replace(settings, method=method, keep_first=False, keep_last=False)
+        if method == "layers":
+            own = replace(own, keep_first=settings.keep_first, keep_last=settings.keep_last)
+        if targets is not None:  # a target nearest to removing nothing is the dense model itself
+            own = replace(own, sparsities=(0.0, *sorted(s for s in matched_targets(dense, own) if s > 0.0)))
+        check_settings(own)
+        check_against_model(dense, own)
+        out[method] = own
+    return out
+
+
+def run_methods(
+    settings: SweepSettings,
+    methods: Sequence[str],
+    out_dir: Path,
+    model: str = DEFAULT_MODEL,
+    device: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[str, Any]]:
+    """Sweep every method into `out_dir/<method>/` (each resumable on its own) and return their results.
+
+    The dense model is evaluated by the first method's sweep and its record copied into the others: the
+    evaluation settings are the same by construction, so it would measure the same numbers again.
+    """
+    check_output_dir(out_dir, "--out")
+    per_method = method_settings(settings, methods, model, device)
+    results: dict[str, dict[str, Any]] = {}
+    dense = None
+    for method, own in per_method.items():
+        log(f"method {method}: sparsities {', '.join(f'{s:.4f}' for s in own.sparsities)}")
+        results[method] = run_sweep(own, out_dir / method, model, device, resume, progress, log, dense)
+        dense = dense_record(results[method])
+    return results
+
+
+def method_folders(out_dir: str | Path) -> dict[str, Path]:
+    """The method sweeps under a methods folder (a subfolder per method holding results.json), in METHODS order."""
+    folder = Path(out_dir)
+    found = {m: folder / m for m in METHODS if (folder / m / RESULTS_FILE).is_file()}
+    if not found:
+        raise MechsliceError(
+            f"{folder} holds no method sweep (no <method>/{RESULTS_FILE}); run "
+            f"`mechslice sweep --methods {','.join(METHODS)} --out {folder}` first"
+        )
+    return found
+
+
+def is_methods_folder(out_dir: str | Path) -> bool:
+    """True for the folder of a methods sweep (a subfolder per method), False for a single sweep."""
+    folder = Path(out_dir)
+    return not (folder / RESULTS_FILE).is_file() and any(
+        (folder / m / RESULTS_FILE).is_file() for m in METHODS
+    )
+
+
+def param_view(results: dict[str, Any], of: str) -> tuple[dict[str, Any], list[float]]:
+    """The results with each record's effective sparsity replaced by its parameter sparsity (`of`), so that
+    every law machinery reads parameter sparsity as its x; records that removed no parameters (a per-layer
+    slice's shortcut matrices can outweigh what a small cut saves) are left out and their own sparsity
+    returned."""
+    records, left_out = [], []
+    for rec in results["records"]:
+        if rec["effective_sparsity"] == 0.0:
+            records.append(rec)
+            continue
+        if "param_sparsity" not in rec:
+            raise MechsliceError(
+                f"the record at sparsity {rec['sparsity']} has no parameter sparsity (a sweep from before "
+                "it was recorded); rerun the sweep"
+            )
+        x = rec["param_sparsity"][of]
+        if x <= 0.0:
+            left_out.append(rec["effective_sparsity"])
+            continue
+        records.append({**rec, "effective_sparsity": x})
+    return {**results, "records": records}, left_out
+
+
+@dataclass(frozen=True)
+class MethodFits:
+    """One method's laws against both axes (None with the reason where a law could not be fitted)."""
+
+    method: str
+    results: dict[str, Any]
+    fits: dict[str, FitTable | None]  # by AXES key
+    errors: dict[str, str]
+    left_out: list[float]  # own sparsities that removed no parameters (not on the parameter axis)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Every method of a methods sweep, fitted; `of` names which parameters the parameter axis counts."""
+
+    model: str
+    dtype: str
+    of: str
+    methods: dict[str, MethodFits]
+
+
+def _fit(results: dict[str, Any], acc_key: str) -> tuple[FitTable | None, str | None]:
+    try:
+        return fit_results(results, acc_key), None
+    except MechsliceError as err:
+        return None, str(err)
+
+
+def compare_methods(out_dir: str | Path, acc_key: str = "acc") -> Comparison:
+    """Fit both laws of every method sweep under `out_dir` against parameter and own-axis sparsity."""
+    per: dict[str, MethodFits] = {}
+    first: dict[str, Any] | None = None
+    for method, folder in method_folders(out_dir).items():
+        results = load_results(folder)
+        first = first or results
+        of = (results.get("settings") or {}).get("param_sparsity_of", "non_embedding")
+        fits: dict[str, FitTable | None] = {}
+        errors: dict[str, str] = {}
+        param, left_out = param_view(results, of)
+        for axis, view in (("param", param), ("own", results)):
+            fits[axis], error = _fit(view, acc_key)
+            if error is not None:
+                errors[axis] = error
+        per[method] = MethodFits(method, results, fits, errors, left_out)
+    assert first is not None  # method_folders refuses an empty folder
+    settings = first.get("settings") or {}
+    return Comparison(
+        first["model"], results_dtype(first), settings.get("param_sparsity_of", "non_embedding"), per
+    )
+
+
+def _row_fit(table: FitTable | None, dataset: str) -> Any:
+    if table is None:
+        return None
+    return next((r for r in table.rows if r.dataset == dataset), None)
+
+
+def fit_rows(comparison: Comparison) -> list[dict[str, Any]]:
+    """One row per method, axis and dataset: the free fit (a, b, RMSE, R^2, LOO RMSE) and the anchored slope."""
+    rows = []
+    for method, mf in comparison.methods.items():
+        for axis in AXES:
+            table = mf.fits[axis]
+            if table is None:
+                continue
+            for row in table.rows:
+                fit, anchored = row.fit, row.anchored
+                rows.append(
+                    {
+                        "method": method,
+                        "axis": axis,
+                        "dataset": row.dataset,
+                        "n": fit.n,
+                        "a": fit.a,
+                        "b": fit.b,
+                        "rmse": fit.rmse,
+                        "r2": fit.r2,
+                        "loo_rmse": fit.loo_rmse,
+                        "anchored_a": anchored.a,
+                        "anchored_a_ci_low": None if anchored.a_ci is None else anchored.a_ci[0],
+                        "anchored_a_ci_high": None if anchored.a_ci is None else anchored.a_ci[1],
+                        "at_chance": row.chance is not None and row.chance.at_chance is not None,
+                    }
+                )
+    return rows
+
+
+def matched_points(comparison: Comparison) -> list[dict[str, Any]]:
+    """Every pruned model of every method: its parameter target(s), sparsities, width, PPL and accuracies."""
+    points = []
+    for method, mf in comparison.methods.items():
+        for rec in mf.results["records"]:
+            if rec["effective_sparsity"] == 0.0:
+                continue
+            entropy = rec.get("entropy") or {}
+            points.append(
+                {
+                    "method": method,
+                    "axis": rec.get("axis", "d"),  # slice records name no axis: theirs is d
+                    "targets": rec.get("param_targets"),
+                    "sparsity": rec["sparsity"],
+                    "effective_sparsity": rec["effective_sparsity"],
+                    "param_sparsity": rec.get("param_sparsity"),
+                    "representation_dim": rec.get("d_prime"),
+                    "ppl": rec.get("ppl"),
+                    "acc": {t: m.get("acc") for t, m in rec.get("tasks", {}).items()},
+                    "entropy_ratio": (entropy.get("gaussian") or {}).get("ratio_mean"),
+                    "erank_ratio": (entropy.get("effective_rank") or {}).get("ratio_mean"),
+                    "kl": ((rec.get("shift") or {}).get("overall") or {}).get("kl"),
+                }
+            )
+    return points
+
+
+def verdict(comparison: Comparison) -> list[str]:
+    """The answer in plain words, each sentence with the numbers it rests on.
+
+    Cost per parameter: the anchored slope of ln PPL0 / ln PPL against parameter sparsity (the line through
+    the exact dense point; steeper = more perplexity lost per parameter removed). Linear form: the free fit's
+    RMSE against `PAPER_PPL_RMSE`, on each axis.
+    """
+    lines = []
+    slopes = {
+        m: row.anchored
+        for m, mf in comparison.methods.items()
+        if (row := _row_fit(mf.fits["param"], PPL)) is not None
+    }
+    if len(slopes) >= 2:
+        order = sorted(slopes, key=lambda m: slopes[m].a)
+        parts = ", ".join(f"{m} a = {slopes[m].a:.3g}" for m in order)
+        lines.append(
+            f"Per parameter removed, perplexity suffers most from {order[0]} and least from {order[-1]} "
+            f"(slope of ln PPL0 / ln PPL against {comparison.of.replace('_', '-')} parameter sparsity, "
+            f"through the dense point: {parts})."
+        )
+    elif slopes:
+        lines.append("Only one method has a perplexity law against parameter sparsity: nothing to compare.")
+    for axis, label in AXES.items():
+        holds, fails = [], []
+        for method, mf in comparison.methods.items():
+            row = _row_fit(mf.fits[axis], PPL)
+            if row is None:
+                continue
+            text = (
+                f"{method} (RMSE {row.fit.rmse:.3f}, R^2 {row.fit.r2:.3f})"
+                if row.fit.r2 is not None
+                else method
+            )
+            (holds if row.fit.rmse <= PAPER_PPL_RMSE else fails).append(text)
+        if holds or fails:
+            lines.append(
+                f"Against {label}, ln PPL0 / ln PPL is linear within the paper's precision (RMSE <= "
+                f"{PAPER_PPL_RMSE}, Table 3's largest perplexity RMSE) for {', '.join(holds) or 'no method'}"
+                f"; not for {', '.join(fails) or 'any method'}."
+            )
+    for method, mf in comparison.methods.items():
+        for axis, error in mf.errors.items():
+            lines.append(f"{method}, {AXES[axis]}: no law fitted ({error}).")
+    return lines
+
+
+def comparison_dict(comparison: Comparison) -> dict[str, Any]:
+    """What methods.json holds: the matched points, every fit row, each method's fit tables and the verdict."""
+    return {
+        "model": comparison.model,
+        "dtype": comparison.dtype,
+        "param_sparsity_of": comparison.of,
+        "paper_ppl_rmse": PAPER_PPL_RMSE,
+        "points": matched_points(comparison),
+        "fits": fit_rows(comparison),
+        "tables": {
+            m: {axis: None if t is None else t.to_dict() for axis, t in mf.fits.items()}
+            for m, mf in comparison.methods.items()
+        },
+        "not_on_parameter_axis": {m: mf.left_out for m, mf in comparison.methods.items() if mf.left_out},
+        "verdict": verdict(comparison),
+    }
+
+
+CSV_COLUMNS = (
+    "method",
+    "axis",
+    "dataset",
+    "n",
+    "a",
+    "b",
+    "rmse",
+    "r2",
+    "loo_rmse",
+    "anchored_a",
+    "anchored_a_ci_low",
+    "anchored_a_ci_high",
+    "at_chance",
+)
+
+
+def write_comparison(comparison: Comparison, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write methods.json and methods.csv (a row per method, axis and dataset) atomically."""
+    folder = Path(out_dir)
+    payload = comparison_dict(comparison)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(payload["fits"])
+    return (
+        atomic_write_json(folder / METHODS_FILE, payload),
+        atomic_write_text(folder / METHODS_CSV, buffer.getvalue()),
+    )
+
+
+__all__ = [
+    "AXES",
+    "METHODS_CSV",
+    "METHODS_FILE",
+    "Comparison",
+    "MethodFits",
+    "compare_methods",
+    "is_methods_folder",
+    "method_folders",
+    "method_settings",
+    "param_view",
+    "run_methods",
+    "verdict",
+    "write_comparison",
+]
