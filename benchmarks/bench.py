@@ -129,6 +129,18 @@ def case_slice(samples: int, seqlen: int, rotation: str) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - start}
 
 
+def case_prune(samples: int, seqlen: int, method: str) -> dict[str, Any]:
+    """One method's pruning at 0.2 of non-embedding parameters (scoring or SliceGPT, then the cut)."""
+    from mechslice.pruning import nearest_sparsity, prune
+
+    lm = _model()
+    calib = _calib(lm, samples, seqlen)
+    match = nearest_sparsity(lm, method, 0.2)
+    start = time.perf_counter()
+    prune(lm, method, match.sparsity, calib, progress=False, target=match)
+    return {"seconds": time.perf_counter() - start}
+
+
 def case_many_exact(samples: int, seqlen: int, sparsities: list[float]) -> dict[str, Any]:
     from mechslice.slicing import slice_model
 
@@ -341,6 +353,22 @@ def section_slice(full: bool) -> dict[str, Any]:
         f"{exact['seconds'] / shared['seconds']:.2f}x faster"
     )
     out.update(many_exact=exact, many_shared=shared)
+    return out
+
+
+def section_prune(full: bool) -> dict[str, Any]:
+    from mechslice.pruning import METHODS
+
+    kw = {"samples": 128, "seqlen": 2048} if full else {"samples": 16, "seqlen": 1024}
+    fwd = measure("forward", dtype="auto", **kw)
+    out: dict[str, Any] = {"calibration": kw, "forward": fwd}
+    for method in METHODS:
+        r = out[method] = measure("prune", method=method, **kw)
+        print(
+            f"pruning {method} to 0.2 of non-embedding parameters at {kw['samples']}x{kw['seqlen']}: "
+            f"{r['seconds']:.1f} s vs one forward over the same tokens {fwd['seconds']:.1f} s -> "
+            f"{r['seconds'] / fwd['seconds']:.2f}x; peak RSS {r['peak_rss_gb']:.2f} GB; {_load_note()}"
+        )
     return out
 
 
