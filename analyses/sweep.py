@@ -56,6 +56,7 @@ from mechslice.pruning import (
     PARAM_COUNTS,
     PruneOptions,
     PruningRecord,
+    check_prunable,
     count_parameters,
     kept_units,
     nearest_sparsity,
@@ -175,7 +176,9 @@ def check_settings(settings: SweepSettings) -> None:
             f"a parameter sparsity counts {' or '.join(PARAM_COUNTS)} parameters, not '{settings.param_sparsity_of}'"
         )
     if (settings.keep_first or settings.keep_last) and settings.method != "layers":
-        raise MechsliceError(f"--keep-first/--keep-last apply to the layers method, not {settings.method}")
+        raise MechsliceError(
+            "--keep-first/--keep-last apply to the layers method only; add --methods layers (or a list with it)"
+        )
     settings.prune_options().check()
     if settings.mc_backend not in MC_BACKENDS:
         raise MechsliceError(f"unknown MC backend '{settings.mc_backend}'; use {' or '.join(MC_BACKENDS)}")
@@ -357,12 +360,17 @@ def run_sweep(
     """Run (or resume) the sweep into `out_dir/results.json` and return the results document.
 
     `dense_result` is a dense record measured by another sweep with the same evaluation settings (the first
-    method of `analyses.methods`): it is copied instead of evaluated again. Under torchrun every rank runs the
+    method of `analyses.methods`, which names itself under `measured_in`): it is copied, not evaluated again. Under torchrun every rank runs the
     sweep on the same inputs: calibration, perplexity windows and MC items are sharded and reduced inside
     `slice_model` / `Slicer` / the evaluators; only rank 0 writes files.
     """
     check_settings(settings)
     check_output_dir(out_dir, "--out")
+    if held := [m for m in METHODS if (out_dir / m / RESULTS_FILE).is_file()]:
+        raise MechsliceError(
+            f"'{out_dir}' holds a methods sweep ({', '.join(held)}); choose another --out, or pass --methods to "
+            "continue that one"
+        )
     dtype, _ = resolve_dtype(settings.dtype, device or default_device())
     settings = replace(settings, dtype=dtype_name(dtype))
 
@@ -371,8 +379,7 @@ def run_sweep(
 
     dense = load()
     check_against_model(dense, settings)
-    fingerprint = model_fingerprint(dense)
-    results = _start(out_dir, settings, dense.name, fingerprint, resume)
+    results = start_results(out_dir, settings, dense, resume)
     done = {rec["sparsity"] for rec in results["records"]}
     todo = [s for s in _with_dense(settings.sparsities) if s not in done]
     if done:
@@ -384,8 +391,7 @@ def run_sweep(
     for s in tqdm(todo, desc=f"sweep ({settings.method})", unit="sparsity", disable=not progress):
         start = time.perf_counter()
         if s == 0.0 and dense_result is not None:
-            record = {**dense_result, "seconds": {**dense_result.get("seconds", {}), "copied": True}}
-            _append(out_dir, results, record, log)
+            _append(out_dir, results, dict(dense_result), log)
             continue
         blocks = None  # the original indices of the blocks a `layers` pruning kept
         if s == 0.0:
@@ -426,7 +432,7 @@ def run_sweep(
                 "spectra_file": _write_spectra(out_dir, s, rec.spectra),
             }
         record["param_sparsity"] = param_sparsity(dense_params, count_parameters(lm))
-        if s in targets:
+        if s > 0.0 and s in targets:  # a target nearest the dense model is listed by `analyses.methods`
             record["param_targets"] = targets[s]
         sliced_at = time.perf_counter()
         measured, seconds = _evaluate(lm, dense, probe, settings, progress, blocks)
@@ -457,6 +463,8 @@ def check_against_model(dense: LoadedModel, settings: SweepSettings) -> None:
             sliced_width(dense.dims.d, s, settings.round_to)
         elif s > 0.0:
             kept_units(dense, settings.method, s, settings.prune_options())
+    if settings.method != "slice":
+        check_prunable(dense)
     check_gaussian_rows(settings.estimators, probe_token_count(settings), dense.dims.d, "--probe-tokens")
     context = dense.model.config.max_position_embeddings
     for seqlen, flag in (
@@ -499,6 +507,13 @@ def _write_spectra(out_dir: Path, s: float, spectra: dict[str, list[float]]) -> 
 
 def _with_dense(sparsities: tuple[float, ...]) -> list[float]:
     return sorted({0.0, *sparsities})
+
+
+def start_results(out_dir: Path, settings: SweepSettings, dense: LoadedModel, resume: bool) -> dict[str, Any]:
+    """The results document a sweep into `out_dir` starts from: a new one, or (with `resume`) the one there,
+    refused when it was made with other settings, another dtype or another model. Writes nothing."""
+    settings = replace(settings, dtype=dtype_name(dense.model.dtype))
+    return _start(out_dir, settings, dense.name, model_fingerprint(dense), resume)
 
 
 def _start(

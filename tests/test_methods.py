@@ -4,6 +4,7 @@ fitted against both axes, compared in one report."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,11 @@ from analyses.methods import (
     is_methods_folder,
     param_view,
     run_methods,
+    verdict,
 )
+from analyses.report.entropy import on_dense_blocks
 from analyses.results import RESULTS_FILE
+from analyses.sweep import run_sweep
 from mechslice.cli import main
 from mechslice.errors import MechsliceError
 from mechslice.loading import load_model
@@ -52,10 +56,8 @@ def test_methods_sweep_matches_budgets_shares_the_dense_record_and_fits_both_axe
     dense = {m: r["records"][0] for m, r in results.items()}
     # The dense model is measured once, by the first method, and copied: same numbers in every folder.
     for method in METHODS[1:]:
-        assert {k: v for k, v in dense[method].items() if k != "seconds"} == {
-            k: v for k, v in dense["slice"].items() if k != "seconds"
-        }
-        assert dense[method]["seconds"]["copied"] is True
+        assert dense[method] == {**dense["slice"], "measured_in": "slice"}
+    assert "measured_in" not in dense["slice"]
     for method in results:
         on_disk = json.loads((tmp_path / method / RESULTS_FILE).read_text())
         assert on_disk["settings"]["method"] == method and on_disk["settings"]["param_sparsities"] == [
@@ -108,7 +110,9 @@ def test_methods_cli_writes_each_sweep_the_comparison_and_the_report(
     assert {(r["method"], r["axis"]) for r in methods["fits"] if r["dataset"] == "ppl"} == {
         (m, a) for m in ("mlp", "layers") for a in ("param", "own")
     }
-    assert methods["verdict"][0].startswith("Per parameter removed, perplexity suffers most from")
+    assert methods["verdict"][0].startswith(
+        "Per parameter removed, perplexity (ln PPL0 / ln PPL) suffers most"
+    )
     assert (tmp_path / METHODS_CSV).read_text().startswith("method,axis,dataset,")
     report = (tmp_path / "report.html").read_text()
     assert "Table 3 layout" in report and 'href="mlp/report.html"' in report
@@ -127,7 +131,9 @@ def test_methods_cli_writes_each_sweep_the_comparison_and_the_report(
         (["--param-sparsities", "0.2"], "--param-sparsities needs --methods"),
         (["--methods", "mlp", "--param-sparsities", "0.3,0.2"], "parameter sparsities must be increasing"),
         (["--methods", "mlp", "--keep-first"], "--keep-first/--keep-last apply to the layers method"),
-        (["--keep-last"], "--keep-first/--keep-last apply to the layers method, not slice"),
+        (["--keep-last"], "--keep-first/--keep-last apply to the layers method only"),
+        (["--methods", "mlp", "--param-sparsities", "0.2", "--sparsities", "0,0.1"], "not both"),
+        (["--methods", "mlp", "--param-sparsities", "0.2,1.5"], "parameter sparsities must lie in [0, 1)"),
         (["--methods", "heads", "--sparsities", "0,1.0"], "sparsit"),
     ],
 )
@@ -148,3 +154,56 @@ def test_heads_refuses_a_sparsity_that_removes_every_group(
     with pytest.raises(MechsliceError, match="leaves v' = 0"):
         run_methods(settings, ("heads",), tmp_path / "o", str(deep_folder), "cpu", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_methods_sweep_is_checked_whole_before_any_work(
+    deep_folder: Path, corpus: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Folder clashes and a resumed method folder made with other settings are refused before the first
+    method runs, so nothing is computed or written for a run that would stop half way."""
+    settings = sweep_settings(corpus, sparsities=(0.0, 0.5))
+    run_methods(settings, ("layers",), tmp_path, str(deep_folder), "cpu", progress=False, log=lambda _: None)
+    before = (tmp_path / "layers" / RESULTS_FILE).read_bytes()
+    other = sweep_settings(corpus, sparsities=(0.0, 0.5), ppl_seqlen=32)
+    with pytest.raises(MechsliceError, match="other settings"):
+        run_methods(other, ("mlp", "layers"), tmp_path, str(deep_folder), "cpu", resume=True, progress=False)
+    assert not (tmp_path / "mlp").exists() and (tmp_path / "layers" / RESULTS_FILE).read_bytes() == before
+    with pytest.raises(MechsliceError, match="pass --resume"):
+        run_methods(settings, ("layers",), tmp_path, str(deep_folder), "cpu", progress=False)
+    # a single sweep and a methods sweep never share a folder
+    with pytest.raises(MechsliceError, match="holds a methods sweep"):
+        run_sweep(settings, tmp_path, str(deep_folder), "cpu", progress=False)
+    (tmp_path / "single").mkdir()
+    (tmp_path / "single" / RESULTS_FILE).write_text("{}")
+    with pytest.raises(MechsliceError, match="holds a single sweep"):
+        run_methods(settings, ("mlp",), tmp_path / "single", str(deep_folder), "cpu", progress=False)
+
+
+def test_comparison_refuses_folders_evaluated_differently_and_lists_unreached_targets(
+    deep_folder: Path, corpus: str, tmp_path: Path
+) -> None:
+    # 0.02 of the parameters is nearer to removing no block than one block (a quarter): no pruned model answers it
+    settings = sweep_settings(corpus, param_sparsities=(0.02, 0.3, 0.5))
+    run_methods(settings, ("layers",), tmp_path, str(deep_folder), "cpu", progress=False, log=lambda _: None)
+    comparison = compare_methods(tmp_path)
+    assert comparison.methods["layers"].unreached == [0.02]
+    assert any("0.02 lie nearest the dense model" in line for line in verdict(comparison))
+    assert "param_targets" not in comparison.methods["layers"].results["records"][0]
+    run_methods(
+        sweep_settings(corpus, param_sparsities=(0.3, 0.5), ppl_seqlen=32),
+        ("mlp",),
+        tmp_path,
+        str(deep_folder),
+        "cpu",
+        progress=False,
+        log=lambda _: None,
+    )
+    with pytest.raises(MechsliceError, match=r"different settings \(ppl_seqlen, param_sparsities\)"):
+        compare_methods(tmp_path)
+
+
+def test_per_layer_curves_of_a_model_that_lost_blocks_sit_at_the_dense_block_index() -> None:
+    rec = {"entropy": {"layers": [0, 2, 3]}}
+    placed = on_dense_blocks([1.0, 2.0, 3.0], rec)
+    assert placed[0] == 1.0 and math.isnan(placed[1]) and placed[2:] == [2.0, 3.0]
+    assert on_dense_blocks([1.0, 2.0], {"entropy": {}}) == [1.0, 2.0]

@@ -4,6 +4,7 @@ estimators, and a table of the signal ratio per sparsity.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,18 @@ _RATIO_HEAD = {RANK: "mean erank'/erank (layers used)"}
 
 def entropy_stats(records: Sequence[dict[str, Any]], estimator: str) -> list[dict[str, Any]]:
     return [st for rec in records if (st := (rec.get("entropy") or {}).get(estimator))]
+
+
+def on_dense_blocks(values: Sequence[float | None], rec: dict[str, Any]) -> list[float | None]:
+    """Per-layer values at the dense index of their block: a model that lost blocks (the layers method)
+    names its blocks under `entropy.layers`; a lost block is NaN, a gap in the curve."""
+    blocks = (rec.get("entropy") or {}).get("layers")
+    if blocks is None:
+        return list(values)
+    out: list[float | None] = [math.nan] * (max(blocks) + 1)
+    for block, value in zip(blocks, values, strict=True):
+        out[block] = value
+    return out
 
 
 def entropy_figures(records: Sequence[dict[str, Any]], estimator: str) -> tuple[go.Figure, go.Figure]:
@@ -53,14 +66,14 @@ def entropy_figures(records: Sequence[dict[str, Any]], estimator: str) -> tuple[
             continue
         color, label = sparsity_color(rec), s_label(rec)
         if stats.get("per_layer"):
-            h = stats["per_layer"]
+            h = on_dense_blocks(stats["per_layer"], rec)
             curves.add_trace(
                 go.Scatter(
                     x=list(range(len(h))), y=h, mode="lines+markers", name=label, line=dict(color=color)
                 )
             )
         if stats.get("ratio_per_layer"):
-            ratio_curves[label] = stats["ratio_per_layer"]
+            ratio_curves[label] = on_dense_blocks(stats["ratio_per_layer"], rec)
             colors[label] = color
             levels[label] = (f"1 - s ({label})", 1.0 - rec["effective_sparsity"])
     ratios = layer_curves(ratio_curves, colors=colors, levels=levels)

@@ -6,6 +6,7 @@ verdict. Each method's own sweep report sits in its folder and is linked from he
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -13,10 +14,11 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from analyses.laws import law_points
-from analyses.methods import AXES, PAPER_PPL_RMSE, Comparison, MethodFits, comparison_dict, param_view
+from analyses.methods import AXES, PAPER_PPL_RMSE, Comparison, MethodFits, param_view
 from analyses.report.markup import FigureRenderer, esc, fmt, html_table, note_html, task_label
 from analyses.report.page import CSS, REPORT_FILE
 from analyses.results import PPL
+from mechslice import distributed
 from mechslice.atomic import atomic_write_text
 from mechslice.checks import check_output_file
 from mechslice.errors import MechsliceError
@@ -26,11 +28,11 @@ from mechslice.pruning import METHODS
 METHOD_COLORS = dict(zip(METHODS, qualitative.Set1, strict=False))
 
 
-def _points(mf: MethodFits, of: str, dataset: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _points(mf: MethodFits, of: str, dataset: str, acc_key: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(parameter sparsity, y) of one method's law on `dataset`, dense point included; None without data."""
     view, _ = param_view(mf.results, of)
     try:
-        points = law_points(view, dataset)
+        points = law_points(view, dataset, acc_key)
     except MechsliceError:  # the dense model has no value for it: nothing to draw
         return None
     return points.s, points.y
@@ -41,7 +43,7 @@ def _method_traces(
 ) -> None:
     """Points and the fitted free line of each method for `dataset`, against parameter sparsity."""
     for method, mf in comparison.methods.items():
-        xy = _points(mf, comparison.of, dataset)
+        xy = _points(mf, comparison.of, dataset, comparison.acc_key)
         if xy is None:
             continue
         color = METHOD_COLORS[method]
@@ -126,9 +128,8 @@ def _table3(comparison: Comparison, axis: str, datasets: list[str]) -> str:
     return html_table(head, rows)
 
 
-def _points_table(comparison: Comparison, tasks: list[str]) -> str:
+def _points_table(payload: dict[str, Any], tasks: list[str]) -> str:
     """Each pruned model: target, parameter and own sparsity, width, PPL, accuracies, entropy ratios, KL."""
-    payload = comparison_dict(comparison)
     head = [
         "method",
         "target",
@@ -144,7 +145,7 @@ def _points_table(comparison: Comparison, tasks: list[str]) -> str:
     rows = []
     for p in sorted(payload["points"], key=lambda p: (METHODS.index(p["method"]), p["effective_sparsity"])):
         targets = ", ".join(f"{t:.2f}" for t in p["targets"] or []) or "–"
-        ps = (p["param_sparsity"] or {}).get(comparison.of)
+        ps = (p["param_sparsity"] or {}).get(payload["param_sparsity_of"])
         axis = f"{p['axis']} {fmt(p['effective_sparsity'], '.3f')}"
         rows.append(
             [
@@ -163,8 +164,8 @@ def _points_table(comparison: Comparison, tasks: list[str]) -> str:
     return html_table(head, rows)
 
 
-def methods_report_html(comparison: Comparison, directory: Path) -> str:
-    """The whole comparison page."""
+def methods_report_html(comparison: Comparison, payload: dict[str, Any]) -> str:
+    """The whole comparison page; `payload` is `comparison_dict(comparison)` (what methods.json holds)."""
     render = FigureRenderer()
     tasks = sorted(
         {
@@ -177,7 +178,6 @@ def methods_report_html(comparison: Comparison, directory: Path) -> str:
     datasets = [PPL, *tasks]
     title = f"mechslice: pruning axes compared on {comparison.model}"
     links = " · ".join(f'<a href="{esc(m)}/{REPORT_FILE}">{esc(m)}</a>' for m in comparison.methods)
-    payload = comparison_dict(comparison)
     parts = [
         f"<h1>{esc(title)}</h1>",
         f'<p class="meta">computed in {esc(comparison.dtype)}; parameter sparsity counts '
@@ -203,7 +203,7 @@ def methods_report_html(comparison: Comparison, directory: Path) -> str:
             f"holding where RMSE <= {PAPER_PPL_RMSE} (Table 3's largest perplexity RMSE). fits: methods.csv."
         )
     )
-    parts += ['<h2 id="points">Every pruned model</h2>', _points_table(comparison, tasks)]
+    parts += ['<h2 id="points">Every pruned model</h2>', _points_table(payload, tasks)]
     if payload["not_on_parameter_axis"]:
         parts.append(
             note_html(
@@ -216,10 +216,11 @@ def methods_report_html(comparison: Comparison, directory: Path) -> str:
 
 
 def build_methods_report(
-    comparison: Comparison, directory: str | Path, out: str | Path | None = None
+    comparison: Comparison, payload: dict[str, Any], directory: str | Path, out: str | Path | None = None
 ) -> Path:
     """Write the comparison page of a methods sweep (default `directory/report.html`) atomically; return its path."""
     folder = Path(directory)
     path = Path(out) if out is not None else folder / REPORT_FILE
     check_output_file(path, "the report path (--out)")
-    return atomic_write_text(path, methods_report_html(comparison, folder))
+    distributed.on_main(lambda: atomic_write_text(path, methods_report_html(comparison, payload)))
+    return path  # under torchrun only rank 0 renders and writes

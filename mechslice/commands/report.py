@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from analyses.methods import compare_methods, is_methods_folder, write_comparison
+from analyses.methods import compare_methods, comparison_dict, is_methods_folder, write_comparison
 from analyses.report import build_report
 from analyses.report.methods import build_methods_report
 from analyses.results import ACC_KEYS, load_results, results_dtype
@@ -35,8 +35,9 @@ def run(args: argparse.Namespace) -> int:
     """Write the report (for a methods sweep: refit the comparison and write its page) and print its path."""
     if is_methods_folder(args.dir):
         comparison = compare_methods(args.dir, args.acc_key)
-        write_comparison(comparison, args.dir)
-        path = build_methods_report(comparison, args.dir, args.out)
+        table = comparison_dict(comparison)
+        write_comparison(table, args.dir)
+        path = build_methods_report(comparison, table, args.dir, args.out)
         payload = {"report": str(path), "dtype": comparison.dtype}
     else:
         path = build_report(args.dir, args.out, acc_key=args.acc_key)

@@ -128,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
         ):
             if value is not None:
                 raise MechsliceError(f"{flag} needs --methods (e.g. --methods slice,mlp,heads,layers)")
+    if args.param_sparsities is not None and args.sparsities is not None:
+        raise MechsliceError(
+            "give --sparsities or --param-sparsities, not both (the targets choose the sparsities)"
+        )
     if args.methods is not None:  # each method's sweep takes the layers options where they apply
         keep = {k: bool(overrides.pop(k)) for k in ("keep_first", "keep_last")}
         base = settings_from(QUICK if args.quick else SweepSettings(), **overrides)
@@ -149,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_methods(args: argparse.Namespace, settings: SweepSettings) -> int:
     """Sweep each method into OUT/<method>/, then fit and report each and write the comparison."""
-    from analyses.methods import compare_methods, run_methods, write_comparison
+    from analyses.methods import compare_methods, comparison_dict, run_methods, write_comparison
     from analyses.report.methods import build_methods_report
 
     results = run_methods(
@@ -165,12 +169,10 @@ def _run_methods(args: argparse.Namespace, settings: SweepSettings) -> int:
         for method in results:
             _fit_and_report(args.out / method)
         comparison = compare_methods(args.out)
-        methods_json, methods_csv = write_comparison(comparison, args.out)
-        payload.update(
-            fits=str(methods_json),
-            fits_csv=str(methods_csv),
-            report=str(build_methods_report(comparison, args.out)),
-        )
+        table = comparison_dict(comparison)
+        methods_json, methods_csv = write_comparison(table, args.out)
+        report = build_methods_report(comparison, table, args.out)
+        payload.update(fits=str(methods_json), fits_csv=str(methods_csv), report=str(report))
     emit(args, payload, _text)
     return 0
 

@@ -34,7 +34,7 @@ from mechslice.pruning.accounting import (
     param_sparsity,
     sliced_parameters,
 )
-from mechslice.pruning.calibrate import check_calibration
+from mechslice.pruning.calibrate import check_calibration, check_prunable
 from mechslice.pruning.io import save_pruned
 from mechslice.pruning.record import PruningRecord
 from mechslice.slicing.slicer import ROTATIONS, kept_size, slice_model, software_versions
@@ -49,6 +49,7 @@ __all__ = [
     "ParamCount",
     "PruneOptions",
     "PruningRecord",
+    "check_prunable",
     "count_parameters",
     "kept_units",
     "nearest_sparsity",

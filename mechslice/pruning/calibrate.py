@@ -31,6 +31,12 @@ def check_calibration(lm: LoadedModel, calib: Tensor, batch_size: int) -> None:
         )
     if batch_size < 1:
         raise MechsliceError(f"batch_size must be at least 1, got {batch_size}")
+    check_prunable(lm)
+    warn_if_few_tokens(calib.numel(), lm.dims.d)
+
+
+def check_prunable(lm: LoadedModel) -> None:
+    """Refuse models pruning cannot edit in place: offloaded layers, a per-layer sliced model."""
     if any(p.device.type == "meta" for p in lm.model.parameters()):
         raise MechsliceError(
             "some layers are offloaded (their weights are on the meta device) and cannot be pruned in place; "
@@ -38,7 +44,6 @@ def check_calibration(lm: LoadedModel, calib: Tensor, batch_size: int) -> None:
         )
     if any(isinstance(layer, ShortcutBlock) for layer in lm.adapter.layers(lm.model)):
         raise MechsliceError("this model is sliced in per-layer mode; prune the original model instead")
-    warn_if_few_tokens(calib.numel(), lm.dims.d)
 
 
 @torch.no_grad()
