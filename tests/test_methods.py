@@ -117,10 +117,15 @@ def test_methods_cli_writes_each_sweep_the_comparison_and_the_report(
     report = (tmp_path / "report.html").read_text()
     assert "Table 3 layout" in report and 'href="mlp/report.html"' in report
     assert (tmp_path / "mlp" / "report.html").exists() and (tmp_path / "layers" / "fits.json").exists()
-    # `report` rebuilds the comparison page of a methods folder
+    # `report` rebuilds the comparison page of a methods folder, `fit` refits it
     (tmp_path / "report.html").unlink()
+    (tmp_path / METHODS_FILE).unlink()
     assert main(["report", str(tmp_path)]) == 0
-    assert (tmp_path / "report.html").exists()
+    assert (tmp_path / "report.html").exists() and (tmp_path / METHODS_FILE).exists()
+    capsys.readouterr()
+    assert main(["fit", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mlp     against param sparsity: a" in out and "- Per parameter removed" in out
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from typing import Any
 
 from analyses.laws import DENSE_NOTE, entropy_predictions, fit_results, write_fits
+from analyses.methods import compare_methods, comparison_dict, is_methods_folder, write_comparison
 from analyses.paper import PAPER_MODELS
 from analyses.results import ACC_KEYS, load_results
 from mechslice.checks import check_output_dir
@@ -28,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fit the perplexity and accuracy laws on a sweep (Table 3)",
         description=__doc__.splitlines()[0],
     )
-    parser.add_argument("dir", metavar="DIR", help="a sweep's output folder (holds results.json)")
+    parser.add_argument(
+        "dir", metavar="DIR", help="a sweep's output folder (holds results.json, or a folder per method)"
+    )
     parser.add_argument("--acc-key", choices=ACC_KEYS, default="acc", help="accuracy to fit (default acc)")
     add_json_arg(parser)
     parser.set_defaults(func=run)
@@ -108,7 +111,10 @@ def format_table(payload: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Refit DIR/results.json, write DIR/fits.json and DIR/fits.csv, print the table."""
+    """Refit DIR/results.json, write DIR/fits.json and DIR/fits.csv, print the table (for a methods sweep:
+    refit every method on both axes, write methods.json and methods.csv, print the fits and the verdict)."""
+    if is_methods_folder(args.dir):
+        return _fit_methods(args)
     results = load_results(args.dir)
     check_output_dir(args.dir, "DIR")  # fits.json and fits.csv go beside results.json
     table = fit_results(results, acc_key=args.acc_key)
@@ -120,3 +126,25 @@ def run(args: argparse.Namespace) -> int:
     payload["files"] = [str(p) for p in paths]
     emit(args, payload, format_table)
     return 0
+
+
+def _fit_methods(args: argparse.Namespace) -> int:
+    table = comparison_dict(compare_methods(args.dir, args.acc_key))
+    paths = write_comparison(table, args.dir)
+    payload = {**table, "files": [str(p) for p in paths]}
+    emit(args, payload, _format_methods)
+    return 0
+
+
+def _format_methods(payload: dict[str, Any]) -> str:
+    """Each method's perplexity law on both axes, then the verdict."""
+    lines = [f"{payload['model']} ({payload['dtype']}): both laws per pruning method"]
+    for row in payload["fits"]:
+        if row["dataset"] == "ppl":
+            lines.append(
+                f"  {row['method']:7s} against {row['axis']:5s} sparsity: a {_num(row['a'])}  b {_num(row['b'])}  "
+                f"RMSE {row['rmse']:.4f}  ({row['n']} points)"
+            )
+    lines += [f"- {line}" for line in payload["verdict"]]
+    lines.append("wrote " + ", ".join(payload["files"]))
+    return "\n".join(lines)
