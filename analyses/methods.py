@@ -187,6 +187,7 @@ class MethodFits:
     errors: dict[str, str]
     left_out: list[float]  # own sparsities that removed no parameters (not on the parameter axis)
     unreached: list[float]  # parameter targets whose nearest pruned model was the dense one
+    missing: list[float]  # own sparsities of the settings not measured yet (an unfinished sweep)
 
 
 @dataclass(frozen=True)
@@ -248,8 +249,17 @@ def _fit(results: dict[str, Any], acc_key: str) -> tuple[FitTable | None, str | 
         return None, str(err)
 
 
+def _missing(results: dict[str, Any]) -> list[float]:
+    """The sparsities the sweep's settings ask for that it has not measured yet."""
+    done = {rec["sparsity"] for rec in results["records"]}
+    return [s for s in (results.get("settings") or {}).get("sparsities", []) if s not in done]
+
+
 def _unreached(results: dict[str, Any]) -> list[float]:
-    """The parameter targets no pruned record of the sweep answers (their nearest model was the dense one)."""
+    """The parameter targets no pruned record of a finished sweep answers (their nearest model was the dense
+    one); none while the sweep is unfinished (its records cannot tell yet)."""
+    if _missing(results):
+        return []
     asked = (results.get("settings") or {}).get("param_sparsities") or []
     reached = {t for rec in results["records"] for t in rec.get("param_targets") or []}
     return [t for t in asked if t not in reached]
@@ -270,7 +280,9 @@ def compare_methods(out_dir: str | Path, acc_key: str = "acc") -> Comparison:
             fits[axis], error = _fit(view, acc_key)
             if error is not None:
                 errors[axis] = error
-        per[method] = MethodFits(method, results, fits, errors, left_out, _unreached(results))
+        per[method] = MethodFits(
+            method, results, fits, errors, left_out, _unreached(results), _missing(results)
+        )
     return Comparison(first["model"], results_dtype(first), of, acc_key, per)
 
 
@@ -433,6 +445,11 @@ def verdict(comparison: Comparison) -> list[str]:
             lines.append(text)
     lines += _linear_form(comparison)
     for method, mf in comparison.methods.items():
+        if mf.missing:
+            lines.append(
+                f"{method}: unfinished, own sparsities {', '.join(f'{s:.4f}' for s in mf.missing)} not measured "
+                "yet (rerun the sweep with --resume)."
+            )
         for axis, error in mf.errors.items():
             lines.append(f"{method}, {AXES[axis]}: no law fitted ({error}).")
         if mf.unreached:
@@ -459,6 +476,7 @@ def comparison_dict(comparison: Comparison) -> dict[str, Any]:
         },
         "not_on_parameter_axis": {m: mf.left_out for m, mf in comparison.methods.items() if mf.left_out},
         "unreached_targets": {m: mf.unreached for m, mf in comparison.methods.items() if mf.unreached},
+        "unfinished": {m: mf.missing for m, mf in comparison.methods.items() if mf.missing},
         "verdict": verdict(comparison),
     }
 

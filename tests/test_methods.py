@@ -194,6 +194,15 @@ def test_comparison_refuses_folders_evaluated_differently_and_lists_unreached_ta
     assert comparison.methods["layers"].unreached == [0.02]
     assert any("0.02 lie nearest the dense model" in line for line in verdict(comparison))
     assert "param_targets" not in comparison.methods["layers"].results["records"][0]
+    # an unfinished sweep names what it has not measured and claims no unreached target
+    path = tmp_path / "layers" / RESULTS_FILE
+    finished = path.read_text()
+    results = json.loads(finished)
+    last = results["records"].pop()
+    path.write_text(json.dumps(results))
+    partial = compare_methods(tmp_path).methods["layers"]
+    assert partial.missing == [last["sparsity"]] and partial.unreached == []
+    path.write_text(finished)
     run_methods(
         sweep_settings(corpus, param_sparsities=(0.3, 0.5), ppl_seqlen=32),
         ("mlp",),
