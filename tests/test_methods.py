@@ -116,7 +116,8 @@ def test_methods_cli_writes_each_sweep_the_comparison_and_the_report(
     assert (tmp_path / METHODS_CSV).read_text().startswith("method,axis,dataset,")
     report = (tmp_path / "report.html").read_text()
     assert "Table 3 layout" in report and 'href="mlp/report.html"' in report
-    assert (tmp_path / "mlp" / "report.html").exists() and (tmp_path / "layers" / "fits.json").exists()
+    assert (tmp_path / "layers" / "fits.json").exists()
+    assert "Pruned axis: the MLP" in (tmp_path / "mlp" / "report.html").read_text()
     # `report` rebuilds the comparison page of a methods folder, `fit` refits it
     (tmp_path / "report.html").unlink()
     (tmp_path / METHODS_FILE).unlink()

@@ -25,6 +25,12 @@ from mechslice.errors import MechsliceError
 from mechslice.loading import describe_model
 
 REPORT_FILE = "report.html"
+# What a sweep along another axis than d pruned (the `method` setting), for its report's header.
+AXIS_NOTES = {
+    "mlp": "Pruned axis: the MLP's intermediate width m (whole neurons, the same m' in every block).",
+    "heads": "Pruned axis: attention heads, whole KV groups with their query heads, the same count per block.",
+    "layers": "Pruned axis: whole decoder blocks (ShortGPT's block influence).",
+}
 
 
 CSS = """
@@ -87,13 +93,22 @@ def render_report(results: dict[str, Any], directory: Path, acc_key: str = "acc"
         Section("raw", "Raw numbers per sparsity", raw_table_html(results)),
     ]
     quick = quick_note(results.get("settings") or {})
-    title = f"mechslice sparsity sweep: {results['model']}"
+    method = (results.get("settings") or {}).get("method", "slice")
+    title = f"mechslice sparsity sweep: {results['model']}" + (
+        "" if method == "slice" else f", {method} pruning"
+    )
     head = f'<meta charset="utf-8"><title>{esc(title)}</title><style>{CSS}</style>'
     parts = [
         f"<h1>{esc(title)}</h1>",
         f'<p class="meta">model {esc(describe_model(results["model"]))}, fingerprint {esc(results.get("model_fingerprint", "–"))}; '
         f"{sparsity_count(len(results['records']))}; built from {esc(directory.name)}/results.json</p>",
     ]
+    if method != "slice":  # every s on this page is a fraction of the method's own axis, not of d
+        parts.append(
+            f'<p class="warn">{esc(AXIS_NOTES.get(method, method))} Here s is the fraction of that axis removed; '
+            "the residual stream keeps width d, so d' = d throughout. The comparison with the other axes, "
+            "against parameter sparsity, is ../report.html.</p>"
+        )
     parts.append('<h2 id="summary">Summary</h2>')
     if quick:
         parts.append(f'<p class="warn">{esc(quick)}</p>')
