@@ -26,6 +26,7 @@ from analyses.sweep import (
     SweepSettings,
     check_against_model,
     check_settings,
+    held_methods,
     matched_targets,
     run_sweep,
     start_results,
@@ -137,7 +138,7 @@ def run_methods(
 def method_folders(out_dir: str | Path) -> dict[str, Path]:
     """The method sweeps under a methods folder (a subfolder per method holding results.json), in METHODS order."""
     folder = Path(out_dir)
-    found = {m: folder / m for m in METHODS if (folder / m / RESULTS_FILE).is_file()}
+    found = {m: folder / m for m in held_methods(folder)}
     if not found:
         raise MechsliceError(
             f"{folder} holds no method sweep (no <method>/{RESULTS_FILE}); run "
@@ -149,9 +150,7 @@ def method_folders(out_dir: str | Path) -> dict[str, Path]:
 def is_methods_folder(out_dir: str | Path) -> bool:
     """True for the folder of a methods sweep (a subfolder per method), False for a single sweep."""
     folder = Path(out_dir)
-    return not (folder / RESULTS_FILE).is_file() and any(
-        (folder / m / RESULTS_FILE).is_file() for m in METHODS
-    )
+    return not (folder / RESULTS_FILE).is_file() and bool(held_methods(folder))
 
 
 def param_view(results: dict[str, Any], of: str) -> tuple[dict[str, Any], list[float]]:
@@ -183,6 +182,7 @@ class MethodFits:
 
     method: str
     results: dict[str, Any]
+    param_results: dict[str, Any]  # the same records with parameter sparsity as x (`param_view`)
     fits: dict[str, FitTable | None]  # by AXES key
     errors: dict[str, str]
     left_out: list[float]  # own sparsities that removed no parameters (not on the parameter axis)
@@ -281,7 +281,7 @@ def compare_methods(out_dir: str | Path, acc_key: str = "acc") -> Comparison:
             if error is not None:
                 errors[axis] = error
         per[method] = MethodFits(
-            method, results, fits, errors, left_out, _unreached(results), _missing(results)
+            method, results, param, fits, errors, left_out, _unreached(results), _missing(results)
         )
     return Comparison(first["model"], results_dtype(first), of, acc_key, per)
 
@@ -382,11 +382,12 @@ def _ranking(comparison: Comparison, dataset: str, what: str) -> str | None:
 def _at_targets(comparison: Comparison) -> list[str]:
     """At each parameter target, every method's perplexity and the parameter sparsity it actually reached."""
     lines = []
-    targets = sorted({t for p in matched_points(comparison) for t in p["targets"] or []})
+    points = sorted(matched_points(comparison), key=lambda p: p["ppl"] or math.inf)
+    targets = sorted({t for p in points for t in p["targets"] or []})
     for target in targets:
         cells = [
             f"{p['method']} {p['ppl']:.4g} (at {p['param_sparsity'][comparison.of]:.3f})"
-            for p in sorted(matched_points(comparison), key=lambda p: p["ppl"] or math.inf)
+            for p in points
             if target in (p["targets"] or []) and p["ppl"] is not None
         ]
         if cells:

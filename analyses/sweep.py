@@ -366,7 +366,7 @@ def run_sweep(
     """
     check_settings(settings)
     check_output_dir(out_dir, "--out")
-    if held := [m for m in METHODS if (out_dir / m / RESULTS_FILE).is_file()]:
+    if held := held_methods(out_dir):
         raise MechsliceError(
             f"'{out_dir}' holds a methods sweep ({', '.join(held)}); choose another --out, or pass --methods to "
             "continue that one"
@@ -453,6 +453,11 @@ def _append(
     results["records"].sort(key=lambda r: r["sparsity"])
     distributed.on_main(lambda: write_results(out_dir, results))
     log(_line(results["records"], s))
+
+
+def held_methods(out_dir: Path) -> list[str]:
+    """The methods whose sweep folder (`out_dir/<method>/results.json`, `analyses.methods`) lies in `out_dir`."""
+    return [m for m in METHODS if (out_dir / m / RESULTS_FILE).is_file()]
 
 
 def check_against_model(dense: LoadedModel, settings: SweepSettings) -> None:

@@ -14,7 +14,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from analyses.laws import law_points
-from analyses.methods import AXES, PAPER_PPL_RMSE, Comparison, MethodFits, param_view
+from analyses.methods import AXES, PAPER_PPL_RMSE, Comparison, MethodFits
 from analyses.report.markup import FigureRenderer, esc, fmt, html_table, note_html, task_label
 from analyses.report.page import CSS, REPORT_FILE
 from analyses.results import PPL
@@ -28,11 +28,10 @@ from mechslice.pruning import METHODS
 METHOD_COLORS = dict(zip(METHODS, qualitative.Set1, strict=False))
 
 
-def _points(mf: MethodFits, of: str, dataset: str, acc_key: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _points(mf: MethodFits, dataset: str, acc_key: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(parameter sparsity, y) of one method's law on `dataset`, dense point included; None without data."""
-    view, _ = param_view(mf.results, of)
     try:
-        points = law_points(view, dataset, acc_key)
+        points = law_points(mf.param_results, dataset, acc_key)
     except MechsliceError:  # the dense model has no value for it: nothing to draw
         return None
     return points.s, points.y
@@ -43,7 +42,7 @@ def _method_traces(
 ) -> None:
     """Points and the fitted free line of each method for `dataset`, against parameter sparsity."""
     for method, mf in comparison.methods.items():
-        xy = _points(mf, comparison.of, dataset, comparison.acc_key)
+        xy = _points(mf, dataset, comparison.acc_key)
         if xy is None:
             continue
         color = METHOD_COLORS[method]
