@@ -15,25 +15,35 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-CHUNK_ELEMENTS = 1 << 18  # float64 elements per block of rows in `update` (2 MiB)
+from hooks.allocator import MMAP_THRESHOLD
+
+# Rows of `update` are reduced a block at a time, its working copy just under the pinned mmap threshold: such a
+# block is reused from the heap, where a mapped one would be faulted in afresh for every block (measured 3x
+# slower); smaller blocks cost more per-block operations.
+BLOCK_BYTES = MMAP_THRESHOLD - (64 << 10)
 
 # Half-precision inputs: a product of two 8- or 11-bit significands is exact in float32's 24 bits.
 HALF = (torch.bfloat16, torch.float16)
 
 
-def sum_within_block(
-    block: Float[Tensor, "n f"],
-) -> tuple[Float[Tensor, " f"], Float[Tensor, " f"], float]:
-    """(sum x, sum x^2, sum ||x||) over the rows of one block, as float64.
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype rows are reduced in: float32 for half-precision rows, float64 otherwise.
 
     Half-precision rows are reduced in float32 (a float64 copy costs twice the memory traffic): squares are
     exact and only the within-block sums round, at about 2^-24 log2(n) relative, far below the inputs' own
     2^-9 (bf16) resolution; this is what keeps tracing a bf16 model near the cost of its forward pass.
     """
-    x = block.float() if block.dtype in HALF else block.to(torch.float64)
+    return torch.float32 if dtype in HALF else torch.float64
+
+
+def block_sums(block: Float[Tensor, "n f"], out: Float[Tensor, " 2*f+1"]) -> None:
+    """Write (sum x, sum x^2, sum ||x||) over the rows of one block into `out`, in `working_dtype`."""
+    f = block.shape[1]
+    x = block.to(out.dtype)
     squares = x * x  # one pass gives both the per-dimension sums and the row norms
-    sum_x, sum_x2 = x.sum(0).double(), squares.sum(0).double()
-    return sum_x, sum_x2, float(squares.sum(1).sqrt().double().sum())
+    torch.sum(x, 0, out=out[:f])
+    torch.sum(squares, 0, out=out[f : 2 * f])
+    torch.sum(squares.sum(1).sqrt_(), 0, out=out[2 * f])
 
 
 def gram(flat: Float[Tensor, "tokens d"]) -> Float[Tensor, "d d"]:
@@ -98,21 +108,26 @@ class RunningMoments:
     def update(self, X: Float[Tensor, "n f"]) -> None:
         """Add the rows of X (any device or float dtype) to the float64 sums, a bounded block of rows at a time.
 
-        A bfloat16/float16 block is reduced without a copy in float32 (`sum_within_block`) and added to the
-        float64 sums; wider dtypes are converted to float64 first.
+        Each block is reduced in `working_dtype` (float32 for bf16/fp16 rows, float64 otherwise) and the
+        blocks' sums are added in float64.
         """
         if X.ndim != 2 or X.shape[1] != self.f:
             raise ValueError(f"expected rows of width {self.f}, got shape {tuple(X.shape)}")
-        # Float64 copies of a whole (tokens x width) activation would be large transient allocations, which
-        # fragment the CPU heap until peak memory grows with the batch; blocks of CHUNK_ELEMENTS keep it flat.
-        for block in X.detach().split(max(1, CHUNK_ELEMENTS // self.f)):
-            sum_x, sum_x2, sum_norm = sum_within_block(block)
-            self.n += block.shape[0]
-            self.sum_x += sum_x.cpu()
-            self.sum_x2 += sum_x2.cpu()
-            self.sum_norm += sum_norm
+        # Working copies of a whole (tokens x width) activation would be large transient allocations, which
+        # fragment the CPU heap until peak memory grows with the batch; cache-sized blocks keep it flat and fast.
+        work = working_dtype(X.dtype)
+        f = self.f
+        blocks = X.detach().split(max(1, BLOCK_BYTES // (f * work.itemsize)))
+        sums = torch.empty(len(blocks), 2 * f + 1, dtype=work, device=X.device)
+        for block, out in zip(blocks, sums, strict=True):
+            block_sums(block, out)
             if self.xxT is not None:
                 self.xxT.add(block)
+        total = sums.double().sum(0).cpu()  # blocks add up in float64
+        self.n += X.shape[0]
+        self.sum_x += total[:f]
+        self.sum_x2 += total[f : 2 * f]
+        self.sum_norm += float(total[2 * f])
 
     def __add__(self, other: RunningMoments) -> RunningMoments:
         """The accumulator over both token sets (sums add; the second moment only when both carry it)."""

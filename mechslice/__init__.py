@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import hooks  # noqa: F401  (asks torch's allocator for huge pages before torch loads: hooks.allocator)
 from mechslice.errors import MechsliceError
 from mechslice.loaded import LoadedModel
 from mechslice.loading import DEFAULT_MODEL, load_model
