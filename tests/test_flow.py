@@ -52,13 +52,13 @@ def test_half_precision_rows_reduce_in_float32_to_float64_accuracy_of_their_valu
     dtype: torch.dtype,
 ) -> None:
     torch.manual_seed(0)
-    # 5000 rows (11 blocks of 455 at width 576) with a large mean in one channel, as the residual stream has
+    # 5000 rows (12 blocks of 426 at width 576) with a large mean in one channel, as the residual stream has
     X = (torch.randn(5000, 576) * 2 + torch.linspace(-1, 1, 576)).to(dtype)
     X[:, 7] += 40
     half, exact = RunningMoments(576, True), RunningMoments(576, True)
     half.update(X)
     exact.update(X.double())  # the same values, reduced in float64 throughout
-    # float32 sums within a block of 455 rows round at about 2^-24 log2(455) ~ 5e-7 relative to the sum of
+    # float32 sums within a block of 426 rows round at about 2^-24 log2(426) ~ 5e-7 relative to the sum of
     # magnitudes; 1e-5 leaves room, and is still 200x below bf16's own resolution of the data (2^-9).
     torch.testing.assert_close(
         half.sum_x, exact.sum_x, rtol=1e-5, atol=1e-5 * float(X.double().abs().sum(0).max())
