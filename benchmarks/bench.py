@@ -21,9 +21,9 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hooks.allocator import huge_pages_requested, use_huge_pages
+# importing `hooks` asks for huge pages (hooks/__init__.py); every child process inherits the setting
+from hooks.allocator import HUGE_PAGES_ENV
 
-use_huge_pages()  # inherited by every child process, before any of them loads torch
 REPEAT = 1  # runs per case (`--repeat`), the best kept
 
 
@@ -477,7 +477,7 @@ def main() -> int:
     REPEAT = args.repeat
     print(
         f"best of {REPEAT} run(s) per case; PyTorch huge pages "
-        f"{'on' if huge_pages_requested() else 'off'} in every process; start {_load_note()}"
+        f"{'on' if os.environ.get(HUGE_PAGES_ENV) == '1' else 'off'} in every process; start {_load_note()}"
     )
     figures = {name: SECTIONS[name](args.full) for name in chosen}
     if args.json:

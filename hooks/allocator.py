@@ -26,11 +26,6 @@ def use_huge_pages() -> None:
     os.environ.setdefault(HUGE_PAGES_ENV, "1")
 
 
-def huge_pages_requested() -> bool:
-    """Whether this process asked PyTorch for huge pages (what the benchmarks print beside their figures)."""
-    return os.environ.get(HUGE_PAGES_ENV) == "1"
-
-
 def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> None:
     """Make glibc serve every allocation over `nbytes` with mmap and return it to the OS on free.
 

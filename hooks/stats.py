@@ -53,11 +53,8 @@ def gram(flat: Float[Tensor, "tokens d"]) -> Float[Tensor, "d d"]:
     its within-batch sum (relative error about 2^-24 sqrt(tokens)); the sums across batches stay float64. On CPU
     this runs about 3x faster than a float64 GEMM, and the PCA of it is what the slicer spends its time on.
     """
-    if flat.dtype in HALF:
-        f = flat.float()
-        return (f.T @ f).double()
-    f = flat.double()
-    return f.T @ f
+    f = flat.to(working_dtype(flat.dtype))
+    return (f.T @ f).double()
 
 
 @dataclass
@@ -113,8 +110,7 @@ class RunningMoments:
         """
         if X.ndim != 2 or X.shape[1] != self.f:
             raise ValueError(f"expected rows of width {self.f}, got shape {tuple(X.shape)}")
-        # Working copies of a whole (tokens x width) activation would be large transient allocations, which
-        # fragment the CPU heap until peak memory grows with the batch; cache-sized blocks keep it flat and fast.
+        # blocks, not the whole activation: a working copy of all of it would be a large transient allocation
         work = working_dtype(X.dtype)
         f = self.f
         blocks = X.detach().split(max(1, BLOCK_BYTES // (f * work.itemsize)))
